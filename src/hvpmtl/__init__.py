@@ -1,0 +1,31 @@
+"""hvpmtl: HVP-MTL pre-training (multi-label classification + SwAV + SimMIM + momentum
+distillation on one timm ViT or Swin backbone).
+
+Researchers with their own loop::
+
+    import hvpmtl
+    cfg = hvpmtl.load_config("cpu-tiny")
+    model = hvpmtl.build(cfg, num_classes=10)
+    out = model(batch)            # {"loss", "loss_mlc", "loss_swav", "loss_mim", "loss_distill", ...}
+    out["loss"].backward(); optimizer.step(); optimizer.zero_grad()
+    model.update_teacher()        # EMA teacher step, after every optimiser step
+"""
+
+from __future__ import annotations
+
+from hvpmtl.config import Config, ConfigError, load_config, save_config
+from hvpmtl.data.masking import MaskGenerator
+from hvpmtl.hvp import HVPMTL
+
+__version__ = "0.1.0"
+__all__ = ["HVPMTL", "Config", "ConfigError", "MaskGenerator", "build", "load_config", "mask_generator", "save_config"]
+
+
+def build(cfg: Config, num_classes: int | None = None) -> HVPMTL:
+    """The model a config describes; ``num_classes`` defaults to ``cfg.data.num_classes``."""
+    return HVPMTL(cfg.backbone, cfg.tasks, num_classes if num_classes is not None else cfg.data.num_classes)
+
+
+def mask_generator(cfg: Config) -> MaskGenerator:
+    """The SimMIM mask generator matching ``cfg`` (image size, mask unit, ratio)."""
+    return MaskGenerator(cfg.backbone.img_size, cfg.tasks.mim.mask_patch_size, cfg.tasks.mim.mask_ratio)

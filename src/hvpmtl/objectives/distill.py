@@ -1,0 +1,59 @@
+"""Momentum distillation (MD) for label denoising: EMA teacher and symmetric KL, Eqs. (4)-(5).
+
+``S(g, Q0)`` is the vector of cosine similarities between the decoder's image embedding ``g``
+and the ``C`` label embeddings ``Q0``; student and teacher vectors are softmax-normalised and
+compared by a symmetric KL, the teacher side without gradient. The teacher (EMA of backbone and
+MLC decoder, ALBEF style) is updated after every optimiser step: ``t <- m t + (1 - m) s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class DistillConfig:
+    """Momentum distillation; weight and momentum are the paper's."""
+
+    weight: float = 10.0  # alpha_4
+    momentum: float = 0.995  # m, constant as in ALBEF
+    temperature: float = 1.0  # softmax temperature on the cosine similarities (paper: none)
+    embedding: str = "query_mean"  # g: mean of the decoder's label features | "memory_mean": of its input
+    teacher_queries: str = "student"  # Q0 of S(g', Q0): "student" (detached, as Eq. (5) writes) | "teacher"
+
+    def validate(self, prefix: str = "") -> None:
+        if self.embedding not in ("query_mean", "memory_mean"):
+            raise ValueError(f"{prefix}.embedding: expected 'query_mean' or 'memory_mean', got '{self.embedding}'")
+        if self.teacher_queries not in ("student", "teacher"):
+            raise ValueError(f"{prefix}.teacher_queries: expected 'student' or 'teacher', got '{self.teacher_queries}'")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"{prefix}.momentum={self.momentum} must be in [0, 1]")
+
+
+def label_similarity(g: torch.Tensor, label_embed: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Eq. (4): log-softmax over classes of ``cos(g, Q0_c) / T``. ``g: B x d``, ``Q0: C x d`` -> ``B x C``."""
+    cos = F.normalize(g.float(), dim=-1) @ F.normalize(label_embed.float(), dim=-1).t()
+    return F.log_softmax(cos / temperature, dim=-1)
+
+
+def symmetric_kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
+    """Eq. (5): ``(KL(P_s || P_t) + KL(P_t || P_s)) / 2`` averaged over the batch; teacher detached."""
+    log_t = log_p_teacher.detach()
+    kl_st = (log_p_student.exp() * (log_p_student - log_t)).sum(-1)
+    kl_ts = (log_t.exp() * (log_t - log_p_student)).sum(-1)
+    return 0.5 * (kl_st + kl_ts).mean()
+
+
+@torch.no_grad()
+def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentum: float) -> None:
+    """``t <- m t + (1 - m) s`` for every pair, in one fused foreach op."""
+    torch._foreach_lerp_(teacher, student, 1.0 - momentum)
+
+
+def image_embedding(label_features: torch.Tensor, memory: torch.Tensor, kind: str) -> torch.Tensor:
+    """The decoder's image embedding ``g`` (``B x d``): the mean of its ``C`` label features, or
+    of the projected feature map it reads."""
+    return (label_features if kind == "query_mean" else memory).mean(dim=1)

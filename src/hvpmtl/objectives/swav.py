@@ -1,0 +1,125 @@
+"""Contrastive learning by online clustering (CL): SwAV head, truncated Sinkhorn-Knopp, Eq. (2).
+
+Head: projection MLP -> L2-normalised feature ``z`` -> dot products with ``K`` L2-normalised
+prototypes (a bias-free linear layer re-normalised every step, frozen for the first iterations).
+Codes come from Sinkhorn-Knopp over the (global) batch, run in fp32 without gradient; the
+exponent's input is clamped at ``T_max`` (the paper's fix for overflow in ``exp(score / eps)``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+STABILIZERS = ("truncate", "max_shift", "none")
+
+
+@dataclass
+class SwAVConfig:
+    """SwAV head and loss; defaults are SwAV's, ``t_max`` and the weight are the paper's."""
+
+    weight: float = 0.02  # alpha_2
+    hidden_dim: int = 2048
+    out_dim: int = 128
+    num_prototypes: int = 3000
+    head_norm: str = "bn"  # "bn" (SwAV; SyncBatchNorm under DDP) | "ln" | "none"
+    temperature: float = 0.1  # tau
+    epsilon: float = 0.05
+    sinkhorn_iters: int = 3
+    stabilize: str = "truncate"  # "truncate" at t_max (paper) | "max_shift" (log-domain) | "none" (SwAV)
+    t_max: float = 10.0
+    freeze_prototypes_iters: int = 313
+
+    def validate(self, prefix: str = "") -> None:
+        if self.stabilize not in STABILIZERS:
+            raise ValueError(f"{prefix}.stabilize: expected one of {STABILIZERS}, got '{self.stabilize}'")
+        if self.head_norm not in ("bn", "ln", "none"):
+            raise ValueError(f"{prefix}.head_norm: expected 'bn', 'ln' or 'none', got '{self.head_norm}'")
+
+
+class SwAVHead(nn.Module):
+    """Pooled feature ``N x d0`` -> (prototype scores ``N x K``, normalised features ``N x out_dim``)."""
+
+    def __init__(self, in_dim: int, cfg: SwAVConfig):
+        super().__init__()
+        norm = {"bn": nn.BatchNorm1d, "ln": nn.LayerNorm, "none": lambda _: nn.Identity()}[cfg.head_norm]
+        self.projection = nn.Sequential(
+            nn.Linear(in_dim, cfg.hidden_dim), norm(cfg.hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(cfg.hidden_dim, cfg.out_dim),
+        )  # fmt: skip
+        self.prototypes = nn.Linear(cfg.out_dim, cfg.num_prototypes, bias=False)
+        self.normalize_prototypes()
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Project the prototypes back onto the unit sphere (SwAV does this before every step)."""
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def forward(self, x: torch.Tensor, freeze_prototypes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        z = F.normalize(self.projection(x), dim=1)  # unnormalised inputs give NaN in Sinkhorn
+        w = self.prototypes.weight
+        return z @ (w.detach() if freeze_prototypes else w).t(), z
+
+
+def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+@torch.no_grad()
+def sinkhorn(
+    scores: torch.Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    stabilize: str = "truncate",
+    t_max: float = 10.0,
+) -> torch.Tensor:
+    """Equal-partition codes ``Q`` (``B x K``, rows sum to 1) for prototype ``scores`` (``B x K``).
+
+    SwAV Alg. 1 with the paper's truncation: ``Q = exp(min(scores / eps, T_max))``, then
+    alternate normalisation so that each prototype receives ``B/K`` of the batch and each image
+    a distribution. Under an initialised process group every sum runs over the global batch
+    (all-reduce), so N processes with batch B give the codes one process with batch N*B gives.
+    """
+    logits = scores.float() / epsilon
+    if stabilize == "truncate":
+        logits = logits.clamp(max=t_max)
+    elif stabilize == "max_shift":
+        logits = logits - _all_reduce(logits.max().clone(), dist.ReduceOp.MAX)
+    q = torch.exp(logits).t()  # K x B
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    num_protos, batch = q.shape[0], q.shape[1] * world
+    q /= _all_reduce(q.sum())
+    for _ in range(iterations):
+        q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        q /= num_protos
+        q /= q.sum(dim=0, keepdim=True)  # each image: total mass 1/B
+        q /= batch
+    q *= batch
+    return q.t()
+
+
+def swapped_prediction_loss(
+    scores_a: torch.Tensor, scores_b: torch.Tensor, codes_a: torch.Tensor, codes_b: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Eq. (2): ``L = l(f_a, q_b) + l(f_b, q_a)``, ``l(f, q) = -sum_k q_k log softmax(f.c / tau)_k``,
+    averaged over the batch."""
+    log_p_a = F.log_softmax(scores_a.float() / temperature, dim=1)
+    log_p_b = F.log_softmax(scores_b.float() / temperature, dim=1)
+    return -(codes_b * log_p_a).sum(1).mean() - (codes_a * log_p_b).sum(1).mean()
+
+
+def swav_loss(scores_a: torch.Tensor, scores_b: torch.Tensor, cfg: SwAVConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes for both views, then the swapped loss. Also returns ``loss / (2 ln K)`` — a value
+    stuck at 1 means the assignment collapsed to uniform (SwAV's known failure mode)."""
+    codes = [
+        sinkhorn(s.detach(), cfg.epsilon, cfg.sinkhorn_iters, cfg.stabilize, cfg.t_max) for s in (scores_a, scores_b)
+    ]
+    loss = swapped_prediction_loss(scores_a, scores_b, codes[0], codes[1], cfg.temperature)
+    return loss, loss.detach() / (2 * math.log(scores_a.shape[1]))

@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny configs that build in milliseconds on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hvpmtl
+
+TINY_VIT = [
+    "backbone.name=vit_tiny_patch16_224",
+    "backbone.img_size=32",
+    "backbone.patch_size=8",
+    "backbone.kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
+    "tasks.mlc.dim=32",
+    "tasks.mlc.num_heads=2",
+    "tasks.mlc.ffn_dim=64",
+    "tasks.mlc.num_layers=1",
+    "tasks.swav.hidden_dim=64",
+    "tasks.swav.out_dim=16",
+    "tasks.swav.num_prototypes=8",
+    "tasks.swav.freeze_prototypes_iters=0",
+    "tasks.mim.mask_patch_size=16",
+    "data.num_classes=5",
+]
+
+
+def tiny_config(*overrides: str) -> hvpmtl.Config:
+    return hvpmtl.load_config(None, [*TINY_VIT, *overrides])
+
+
+def make_batch(cfg: hvpmtl.Config, batch_size: int = 4, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.backbone.img_size
+    C = cfg.data.num_classes
+    labels = (torch.rand(batch_size, C, generator=g) > 0.6).float()
+    labels[:, 0] = 1.0  # at least one positive per image
+    return {
+        "views": [torch.randn(batch_size, 3, s, s, generator=g) for _ in range(2)],
+        "mask": hvpmtl.mask_generator(cfg)(batch_size, generator=g),
+        "labels": labels,
+    }
+
+
+@pytest.fixture
+def tiny_cfg() -> hvpmtl.Config:
+    return tiny_config()

@@ -1,0 +1,91 @@
+"""Weighted asymmetric loss (Eq. 1) against hand-computed values, and the Query2Label decoder."""
+
+import math
+
+import pytest
+import torch
+
+from hvpmtl.objectives.mlc import MLCConfig, Query2LabelDecoder, weighted_asymmetric_loss
+
+LN3 = math.log(3.0)
+# Two images, two classes; class 0 positive, class 1 negative in both.
+LOGITS = torch.tensor([[0.0, LN3], [LN3, 0.0]])
+TARGETS = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+# Paper values eta=10, g+=4, g-=1, each term written out:
+#   pos, x=0   (p=.5):  10 * .5^4  * ln 2          = 0.4332170
+#   neg, x=ln3 (p=.75): .75        * -ln .25       = 1.0397208
+#   pos, x=ln3 (p=.75): 10 * .25^4 * -ln .75       = 0.0112376
+#   neg, x=0   (p=.5):  .5         * ln 2          = 0.3465736
+PAPER_TERMS = [0.4332170, 1.0397208, 0.0112376, 0.3465736]
+
+
+def test_paper_values_sum_and_mean():
+    loss = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1)
+    assert loss.item() == pytest.approx(sum(PAPER_TERMS), rel=1e-5)
+    mean = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1, reduction="mean")
+    assert mean.item() == pytest.approx(sum(PAPER_TERMS) / 4, rel=1e-5)
+
+
+def test_probability_clip_shifts_negatives_only():
+    # clip 0.05: neg x=ln3 -> p_m=.70: .70 * -ln .30 = 0.8427810; neg x=0 -> p_m=.45: .45 * -ln .55 = 0.2690267
+    loss = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1, clip=0.05)
+    expected = 0.4332170 + 0.8427810 + 0.0112376 + 0.2690267
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_asl_order_option():
+    cfg = MLCConfig(focusing="asl")
+    assert cfg.gammas == (0.0, 4.0)
+    assert MLCConfig().gammas == (4.0, 1.0)
+    assert MLCConfig(focusing="asl", gamma_pos=1.0).gammas == (1.0, 4.0)
+    # pos x=0: 10 ln 2 = 6.9314718; neg x=ln3: .75^4 ln 4 = 0.4386330
+    loss = weighted_asymmetric_loss(LOGITS[:1], TARGETS[:1], 10, *cfg.gammas)
+    assert loss.item() == pytest.approx(6.9314718 + 0.4386330, rel=1e-5)
+
+
+def test_gradient_signs():
+    x = LOGITS.clone().requires_grad_(True)
+    weighted_asymmetric_loss(x, TARGETS).backward()
+    assert x.grad.shape == x.shape
+    assert (x.grad[:, 0] < 0).all(), "raising a positive's logit must lower the loss"
+    assert (x.grad[:, 1] > 0).all(), "raising a negative's logit must raise the loss"
+
+
+def test_eta_weighs_positives():
+    y = torch.ones(1, 1)
+    x = torch.zeros(1, 1)
+    assert weighted_asymmetric_loss(x, y, eta=10).item() == pytest.approx(
+        10 * weighted_asymmetric_loss(x, y, eta=1).item(), rel=1e-6
+    )
+
+
+def test_extreme_logits_stay_finite():
+    x = torch.tensor([[-100.0, 100.0]], requires_grad=True)
+    loss = weighted_asymmetric_loss(x, torch.tensor([[1.0, 0.0]]), clip=0.05)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_decoder_per_class_readout_and_any_feature_size():
+    cfg = MLCConfig(dim=16, num_heads=2, ffn_dim=32, num_layers=2, dropout=0.0)
+    dec = Query2LabelDecoder(in_dim=24, num_classes=5, cfg=cfg).eval()
+    for h, w in [(7, 7), (3, 5)]:  # position encoding follows the actual feature-map size
+        logits, feats, memory = dec(torch.randn(2, 24, h, w))
+        assert logits.shape == (2, 5) and feats.shape == (2, 5, 16) and memory.shape == (2, h * w, 16)
+        manual = torch.einsum("bcd,cd->bc", feats, dec.cls_weight) + dec.cls_bias
+        torch.testing.assert_close(logits, manual)
+    assert dec.input_proj.in_channels == 24 and dec.input_proj.out_channels == 16
+
+
+def test_decoder_queries_do_not_attend_to_each_other_by_default():
+    cfg = MLCConfig(dim=16, num_heads=2, ffn_dim=32, num_layers=1, dropout=0.0)
+    dec = Query2LabelDecoder(24, 4, cfg).eval()
+    fmap = torch.randn(1, 24, 4, 4)
+    logits, _, _ = dec(fmap)
+    with torch.no_grad():
+        dec.label_embed.weight[3].add_(1.0)  # change one label's query
+    logits2, _, _ = dec(fmap)
+    torch.testing.assert_close(logits[:, :3], logits2[:, :3])  # the others are unaffected
+    assert not torch.allclose(logits[:, 3], logits2[:, 3])
+    with_self = Query2LabelDecoder(24, 4, MLCConfig(dim=16, num_heads=2, ffn_dim=32, num_layers=1, self_attn=True))
+    assert with_self.layers[0].self_attn is not None and dec.layers[0].self_attn is None

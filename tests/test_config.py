@@ -1,0 +1,65 @@
+"""Typed configs: presets, overrides, and errors that name the key."""
+
+import pytest
+
+import hvpmtl
+from hvpmtl.config import ConfigError, load_config, parse_override, preset_names, save_config, to_dict
+
+
+def test_defaults_are_the_papers_values():
+    cfg = load_config()
+    t = cfg.tasks
+    assert (t.mlc.weight, t.swav.weight, t.mim.weight, t.distill.weight) == (0.001, 0.02, 1.0, 10.0)
+    assert (t.mlc.eta, *t.mlc.gammas) == (10.0, 4.0, 1.0)
+    assert t.swav.t_max == 10.0 and t.swav.epsilon == 0.05 and t.swav.sinkhorn_iters == 3
+    assert t.distill.momentum == 0.995 and t.mim.mask_patch_size == 32 and t.mim.mask_ratio == 0.6
+    assert cfg.optim.weight_decay == 0.05 and cfg.optim.lr == 1e-4 and cfg.optim.min_lr == 1e-7
+
+
+def test_presets_load_and_override():
+    for name in preset_names():
+        load_config(name)
+    cfg = load_config("cpu-tiny", ["optim.lr=2e-4", "tasks.mim.weight=0", "backbone.kwargs.depth=1"])
+    assert cfg.optim.lr == 2e-4 and cfg.tasks.mim.weight == 0.0
+    # mappings merge key by key: the preset's other timm arguments stay
+    preset = load_config("cpu-tiny").backbone.kwargs
+    assert cfg.backbone.kwargs == {**preset, "depth": 1}
+    assert cfg.backbone.img_size == 64  # from the preset
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("tasks.mlc.eta=many", "tasks.mlc.eta"),
+    ("tasks.swav.num_prototypes=1.5", "tasks.swav.num_prototypes"),
+    ("tasks.swav.stabilize=log", "tasks.swav.stabilize"),
+    ("tasks.mlc.focusing=other", "tasks.mlc.focusing"),
+    ("backbone.name=not_a_model", "backbone.name"),
+    ("bogus=1", "bogus"),
+    ("novalue", "key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises((ConfigError, ValueError), match=message):
+        load_config("cpu-tiny", [override])
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="cpu-tiny"):
+        load_config("no-such-preset")
+
+
+def test_yaml_file_round_trip(tmp_path):
+    cfg = load_config("cpu-tiny", ["tasks.swav.t_max=5"])
+    path = tmp_path / "run.yaml"
+    save_config(cfg, path)
+    assert to_dict(load_config(str(path))) == to_dict(cfg)
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("a.b=1e-3") == {"a": {"b": 1e-3}}
+    assert parse_override("a=[1, 2]") == {"a": [1, 2]}
+    assert parse_override("a=null") == {"a": None}
+
+
+def test_build_from_preset():
+    model = hvpmtl.build(load_config("cpu-tiny"), num_classes=3)
+    assert model.mlc.label_embed.num_embeddings == 3
