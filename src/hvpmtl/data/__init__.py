@@ -1,0 +1,171 @@
+"""Data: readers, views and masks, from a ``DataConfig`` to the batches ``HVPMTL`` takes.
+
+Public entry points:
+
+* ``build_dataset(cfg_data, img_size, split="train")`` -> a data set with ``.classes`` whose
+  items are dicts with at least ``image`` (uint8 ``3 x H x W``) and ``labels`` (float multi-hot
+  ``C``); ``cfg_data.dataset`` picks ``synthetic``, ``manifest``, ``imagefolder`` or
+  ``fmnist-mosaic``. Splits: ``train``, ``val``, ``test``.
+* ``build_view_transform(cfg)`` and ``build_eval_transform(cfg)`` take the root
+  ``hvpmtl.config.Config`` (they read ``cfg.backbone.img_size``, ``cfg.tasks.mim`` and
+  ``cfg.data``).
+* ``build_pretrain_dataset(cfg, split)`` = ``PretrainViews(build_dataset(...),
+  build_view_transform(cfg), seed=cfg.train.seed)``; batch it with ``collate_pretrain``.
+
+Where each split comes from: generated sets (synthetic, fmnist-mosaic) use ``data.train_size``
+/ ``data.val_size`` images from disjoint streams of ``data.seed``, with ``data.label_noise``
+applied to the train split only; ``manifest`` reads ``data.manifest`` (train) or
+``data.val_manifest``; ``imagefolder`` reads ``root/<split>`` when that folder exists, else
+``root`` itself for train (and fails for val/test).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from hvpmtl.data.config import DATASETS, DataConfig
+from hvpmtl.data.fmnist import DEFAULT_ROOT as FMNIST_ROOT
+from hvpmtl.data.fmnist import FashionMNISTMosaic
+from hvpmtl.data.manifest import ImageFiles, ImageFolderImages, ManifestImages, read_class_names, read_image
+from hvpmtl.data.masking import MaskGenerator, upsample_mask
+from hvpmtl.data.synthetic import SyntheticScenes, noisy_labels
+from hvpmtl.data.views import (
+    EvalImages,
+    EvalTransform,
+    PretrainViews,
+    TwoViewTransform,
+    collate_pretrain,
+    view_seed,
+)
+
+__all__ = [
+    "DATASETS",
+    "DataConfig",
+    "EvalImages",
+    "EvalTransform",
+    "FashionMNISTMosaic",
+    "ImageFiles",
+    "ImageFolderImages",
+    "ManifestImages",
+    "MaskGenerator",
+    "PretrainViews",
+    "SyntheticScenes",
+    "TwoViewTransform",
+    "build_dataset",
+    "build_eval_transform",
+    "build_pretrain_dataset",
+    "build_view_transform",
+    "collate_pretrain",
+    "noisy_labels",
+    "read_class_names",
+    "read_image",
+    "upsample_mask",
+    "view_seed",
+]
+
+SPLITS = {"train": 0, "val": 1, "test": 2}  # also the stream of generated data sets
+
+
+def _vocabulary(cfg: DataConfig) -> list[str] | None:
+    if cfg.classes_file:
+        try:
+            return read_class_names(cfg.classes_file)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"data.classes_file: {err}") from err
+    return list(cfg.classes) or None
+
+
+def _manifest(cfg: DataConfig, split: str) -> ManifestImages:
+    key = "manifest" if split == "train" else "val_manifest"
+    path = getattr(cfg, key)
+    if not path:
+        raise ValueError(f"data.{key}: not set (the {split} split of data.dataset=manifest reads it)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"data.{key}: file not found: {path}")
+    if cfg.root and not Path(cfg.root).is_dir():
+        raise FileNotFoundError(f"data.root: folder not found: {cfg.root}")
+    return ManifestImages(path, cfg.root, _vocabulary(cfg), cfg.check_files, cfg.on_bad_image)
+
+
+def _imagefolder(cfg: DataConfig, split: str) -> ImageFolderImages:
+    root = Path(cfg.root)
+    if not cfg.root or not root.is_dir():
+        raise FileNotFoundError(f"data.root: folder not found: {cfg.root!r} (data.dataset=imagefolder)")
+    if (root / split).is_dir():
+        root = root / split
+    elif split != "train":
+        raise FileNotFoundError(f"data.root: no '{split}' folder in {cfg.root} (data.dataset=imagefolder)")
+    try:
+        ds = ImageFolderImages(root, cfg.on_bad_image)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"data.root: {err}") from err
+    vocab = _vocabulary(cfg)
+    if vocab is not None and vocab != ds.classes:
+        raise ValueError(f"data.classes: {vocab} differ from the class folders of {root}: {ds.classes}")
+    return ds
+
+
+def build_dataset(cfg_data: DataConfig, img_size: int, split: str = "train") -> Dataset:
+    """The ``split`` of the data set ``cfg_data`` describes (see the module docstring)."""
+    cfg = cfg_data
+    if split not in SPLITS:
+        raise ValueError(f"split '{split}' unknown (choose from {', '.join(SPLITS)})")
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"data.dataset: unknown '{cfg.dataset}' (choose from {', '.join(DATASETS)})")
+    size = cfg.train_size if split == "train" else cfg.val_size
+    noise = cfg.label_noise if split == "train" else 0.0
+    if cfg.dataset == "synthetic":
+        ds: Any = SyntheticScenes(size, img_size, cfg.seed, SPLITS[split], noise)
+    elif cfg.dataset == "fmnist-mosaic":
+        root = cfg.root or FMNIST_ROOT
+        if not Path(root).is_dir():
+            raise FileNotFoundError(
+                f"data.root: folder not found: {root} (fmnist-mosaic needs the Fashion-MNIST IDX files; "
+                "on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
+            )
+        try:
+            ds = FashionMNISTMosaic(root, split, size, img_size, cfg.seed, SPLITS[split], noise)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"data.root: {err}") from err
+    elif cfg.dataset == "manifest":
+        ds = _manifest(cfg, split)
+    else:
+        ds = _imagefolder(cfg, split)
+    if cfg.num_classes is not None and cfg.num_classes != len(ds.classes):
+        raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.dataset} data has {len(ds.classes)} classes")
+    return ds
+
+
+def build_view_transform(cfg: Any) -> TwoViewTransform:
+    """Two views and a SimMIM mask, from a root ``Config`` (backbone size, tasks.mim, data)."""
+    d, mim = cfg.data, cfg.tasks.mim
+    return TwoViewTransform(
+        cfg.backbone.img_size,
+        mim.mask_patch_size,
+        mim.mask_ratio,
+        crop_scale=d.crop_scale,
+        crop_ratio=d.crop_ratio,
+        hflip=d.hflip,
+        color_jitter=d.color_jitter,
+        color_jitter_prob=d.color_jitter_prob,
+        rotation=d.rotation,
+        rand_augment=d.rand_augment,
+        rand_augment_ops=d.rand_augment_ops,
+        rand_augment_magnitude=d.rand_augment_magnitude,
+        mean=d.mean,
+        std=d.std,
+    )
+
+
+def build_eval_transform(cfg: Any) -> EvalTransform:
+    """Resize, centre-crop and normalise, from a root ``Config``."""
+    return EvalTransform(cfg.backbone.img_size, cfg.data.eval_crop_pct, cfg.data.mean, cfg.data.std)
+
+
+def build_pretrain_dataset(cfg: Any, split: str = "train") -> PretrainViews:
+    """``PretrainViews`` over ``build_dataset(cfg.data, ...)``, augmentations seeded by ``train.seed``."""
+    base = build_dataset(cfg.data, cfg.backbone.img_size, split)
+    return PretrainViews(base, build_view_transform(cfg), seed=cfg.train.seed)

@@ -1,0 +1,92 @@
+"""Data configuration: which data set, its size, and how views are made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic")
+BAD_IMAGE_POLICIES = ("error", "skip")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how the two views (one patch-masked) are generated.
+
+    The paper names the augmentations (random resized crop, colour jitter, random rotation,
+    RandAugment) but not their strengths; the defaults below follow the methods it cites:
+    crop scale (0.67, 1) and ratio (3/4, 4/3) from SimMIM (large crops keep most of an image's
+    tags true), RandAugment m9 n2 as in SimMIM's fine-tuning, timm's colour jitter 0.4.
+    """
+
+    dataset: str = "synthetic"  # synthetic | manifest | imagefolder | fmnist-mosaic
+    root: str = ""  # images' root folder (manifest, imagefolder) or IDX folder (fmnist-mosaic)
+    manifest: str = ""  # train manifest (.csv or .jsonl); relative image paths are under root
+    val_manifest: str = ""  # manifest of the val/test split
+    classes: list[str] = field(default_factory=list)  # vocabulary; empty = sorted names in data
+    classes_file: str = ""  # vocabulary as a file, one name per line (instead of classes)
+    num_classes: int | None = None  # set from the data set when None; checked when given
+    check_files: bool = True  # manifest: every image file must exist at construction
+    on_bad_image: str = "error"  # error | skip (substitute the next sample, count the file)
+
+    # generated data sets (synthetic, fmnist-mosaic)
+    seed: int = 0  # which generated data set; augmentations are seeded by train.seed
+    train_size: int = 10000
+    val_size: int = 2000
+    label_noise: float = 0.0  # train split only: drop each tag / add a spurious one with prob r
+
+    # loading
+    batch_size: int = 64  # global batch, split over processes
+    num_workers: int = 2
+    pin_memory: bool = True
+    persistent_workers: bool = True  # ignored when num_workers is 0
+
+    # views (SPEC: random resized crop, flip, colour jitter, rotation, RandAugment)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_scale: tuple[float, float] = (0.67, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: float = 0.5  # probability
+    color_jitter: float = 0.4  # brightness = contrast = saturation = s, hue = s / 4; 0 = off
+    color_jitter_prob: float = 0.8
+    rotation: float = 10.0  # degrees, uniform in [-r, r]; 0 = off
+    rand_augment: bool = True
+    rand_augment_ops: int = 2
+    rand_augment_magnitude: int = 9  # 0..30 (torchvision's 31 bins)
+    eval_crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre-crop
+
+    def validate(self, prefix: str = "") -> None:
+        """Raise ``ValueError`` naming ``{prefix}.field`` for the first bad value."""
+
+        def key(name: str) -> str:
+            return f"{prefix}.{name}" if prefix else name
+
+        def check(ok: bool, name: str, why: str) -> None:
+            if not ok:
+                raise ValueError(f"{key(name)}={getattr(self, name)!r}: {why}")
+
+        check(self.dataset in DATASETS, "dataset", f"unknown (choose from {', '.join(DATASETS)})")
+        check(self.on_bad_image in BAD_IMAGE_POLICIES, "on_bad_image", "must be 'error' or 'skip'")
+        check(not (self.classes and self.classes_file), "classes", "give classes or classes_file, not both")
+        check(len(set(self.classes)) == len(self.classes), "classes", "names must be unique")
+        check(self.num_classes is None or self.num_classes > 0, "num_classes", "must be positive")
+        check(self.seed >= 0, "seed", "must be >= 0")
+        check(self.train_size > 0, "train_size", "must be positive")
+        check(self.val_size > 0, "val_size", "must be positive")
+        check(0.0 <= self.label_noise < 1.0, "label_noise", "must be in [0, 1)")
+        check(self.batch_size > 0, "batch_size", "must be positive")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(len(self.mean) == 3, "mean", "needs 3 values (RGB)")
+        check(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 positive values (RGB)")
+        lo, hi = self.crop_scale
+        check(0.0 < lo <= hi <= 1.0, "crop_scale", "needs 0 < min <= max <= 1")
+        lo, hi = self.crop_ratio
+        check(0.0 < lo <= hi, "crop_ratio", "needs 0 < min <= max")
+        check(0.0 <= self.hflip <= 1.0, "hflip", "is a probability in [0, 1]")
+        check(self.color_jitter >= 0.0, "color_jitter", "must be >= 0")
+        check(0.0 <= self.color_jitter_prob <= 1.0, "color_jitter_prob", "is a probability in [0, 1]")
+        check(0.0 <= self.rotation <= 180.0, "rotation", "must be in [0, 180] degrees")
+        check(self.rand_augment_ops >= 1, "rand_augment_ops", "must be >= 1")
+        check(0 <= self.rand_augment_magnitude <= 30, "rand_augment_magnitude", "must be in [0, 30]")
+        check(0.0 < self.eval_crop_pct <= 1.0, "eval_crop_pct", "must be in (0, 1]")

@@ -1,0 +1,237 @@
+"""Users' own images: a manifest file (CSV or JSONL) or a torchvision ``ImageFolder`` tree.
+
+Manifest formats (paths relative to ``root``; an absolute path is used as is):
+
+* CSV with a header naming the columns ``path`` and ``labels`` (others are ignored); the tags
+  of one image are separated by ``|``, e.g. ``img/001.jpg,dog|grass``. An empty ``labels``
+  field is an image with no tag. Quote a path that contains a comma.
+* JSONL, one object per line: ``{"path": "img/001.jpg", "labels": ["dog", "grass"]}``.
+
+Tags are names. The vocabulary is the sorted set of names in the file, or a given list (then an
+unknown name is an error). Problems are reported early, naming the file and line: a malformed
+line, an unknown tag, a missing image (checked at construction unless ``check_files=False``).
+An image that cannot be decoded at load time raises (``on_bad_image="error"``) or is replaced
+by the next readable sample (``"skip"``) and counted in ``num_skipped``; the count is per
+process, so each DataLoader worker keeps its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+LABEL_SEP = "|"
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as uint8 RGB ``3 x H x W`` (grey, palette and RGBA are converted).
+
+    Decoded with PIL, which reads every format ImageFolder accepts (torchvision's own decoders
+    are deprecated since torchvision 0.29).
+    """
+    with Image.open(path) as im:
+        return pil_to_tensor(im.convert("RGB"))
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names, one per line (blank lines and ``#`` comments skipped), in file order."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-name file not found: {path}")
+    names: dict[str, int] = {}
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if name in names:
+            raise ValueError(f"{path}:{lineno}: class '{name}' repeats line {names[name]}")
+        names[name] = lineno
+    if not names:
+        raise ValueError(f"{path}: no class names")
+    return list(names)
+
+
+def _parse_csv(path: Path) -> list[tuple[int, str, list[str]]]:
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        cols = [c.strip() for c in header] if header else []
+        if "path" not in cols or "labels" not in cols:
+            raise ValueError(f"{path}:1: the header must name the columns 'path' and 'labels', got {header}")
+        ip, il = cols.index("path"), cols.index("labels")
+        for row in reader:
+            lineno = reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != len(cols):
+                raise ValueError(
+                    f"{path}:{lineno}: malformed line: {len(row)} fields, the header has {len(cols)} "
+                    f"(labels are separated by '{LABEL_SEP}'; quote a path with a comma)"
+                )
+            if not row[ip].strip():
+                raise ValueError(f"{path}:{lineno}: malformed line: empty path")
+            tags = [t.strip() for t in row[il].split(LABEL_SEP) if t.strip()]
+            rows.append((lineno, row[ip].strip(), tags))
+    return rows
+
+
+def _parse_jsonl(path: Path) -> list[tuple[int, str, list[str]]]:
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: malformed line: not valid JSON ({err.msg})") from None
+            ok = (
+                isinstance(obj, dict)
+                and isinstance(obj.get("path"), str)
+                and obj["path"].strip()
+                and isinstance(obj.get("labels"), list)
+                and all(isinstance(t, str) for t in obj["labels"])
+            )
+            if not ok:
+                raise ValueError(
+                    f"{path}:{lineno}: malformed line: expected "
+                    '{"path": "<file>", "labels": ["<name>", ...]}, got ' + line.strip()[:200]
+                )
+            rows.append((lineno, obj["path"].strip(), [t.strip() for t in obj["labels"]]))
+    return rows
+
+
+class ImageFiles(Dataset):
+    """Images on disk with tag-index lists; loading with the ``on_bad_image`` policy.
+
+    Items are dicts: ``image`` uint8 ``3 x H x W``, ``labels`` float ``C`` multi-hot, ``index``
+    (the index actually read, which differs from the asked one after a skip).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str],
+        targets: Sequence[Sequence[int]],
+        classes: Sequence[str],
+        on_bad_image: str = "error",
+        sources: Sequence[str] | None = None,
+    ):
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
+        if not paths:
+            raise ValueError("no images")
+        self.paths, self.targets, self.classes = list(paths), list(targets), list(classes)
+        self.sources = list(sources) if sources is not None else None  # "file:line" per image
+        self.on_bad_image = on_bad_image
+        self.num_classes = len(self.classes)
+        self.num_skipped = 0  # bad images replaced in this process
+        self.skipped_files: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _where(self, i: int) -> str:
+        return f" (listed at {self.sources[i]})" if self.sources else ""
+
+    def __getitem__(self, index: int) -> dict:
+        n = len(self.paths)
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images")
+        for step in range(n):
+            i = (index + step) % n
+            try:
+                image = read_image(self.paths[i])
+            except (OSError, ValueError, RuntimeError) as err:  # PIL: UnidentifiedImageError, truncated
+                if self.on_bad_image == "error":
+                    raise RuntimeError(
+                        f"cannot read image {self.paths[i]}{self._where(i)}: {err} "
+                        "(set data.on_bad_image=skip to replace unreadable images)"
+                    ) from err
+                self.num_skipped += 1
+                if self.paths[i] not in self.skipped_files:
+                    self.skipped_files.add(self.paths[i])
+                    warnings.warn(f"skipping unreadable image {self.paths[i]}{self._where(i)}: {err}", stacklevel=2)
+                continue
+            labels = torch.zeros(self.num_classes)
+            labels[list(self.targets[i])] = 1
+            return {"image": image, "labels": labels, "index": i}
+        raise RuntimeError(f"none of the {n} images can be read (first: {self.paths[0]})")
+
+
+class ManifestImages(ImageFiles):
+    """Images and tags listed in a CSV or JSONL manifest (format in the module docstring).
+
+    Args:
+        manifest: the ``.csv`` or ``.jsonl`` file.
+        root: folder that relative paths are under; empty = the manifest's folder.
+        classes: vocabulary (a list, or a path to a file of names); None = built from the file.
+        check_files: check at construction that every image file exists.
+        on_bad_image: ``error`` | ``skip`` for images that fail to decode at load time.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        root: str | Path = "",
+        classes: Sequence[str] | str | Path | None = None,
+        check_files: bool = True,
+        on_bad_image: str = "error",
+    ):
+        manifest = Path(manifest)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"manifest not found: {manifest}")
+        suffix = manifest.suffix.lower()
+        if suffix == ".csv":
+            rows = _parse_csv(manifest)
+        elif suffix in (".jsonl", ".json", ".ndjson"):
+            rows = _parse_jsonl(manifest)
+        else:
+            raise ValueError(f"{manifest}: unknown manifest format '{suffix}' (use .csv or .jsonl)")
+        if not rows:
+            raise ValueError(f"{manifest}: no images listed")
+        if isinstance(classes, (str, Path)):
+            classes = read_class_names(classes)
+        given = classes is not None and len(classes) > 0
+        names = list(classes) if given else sorted({t for _, _, tags in rows for t in tags})
+        index = {name: k for k, name in enumerate(names)}
+        base = Path(root) if str(root) else manifest.parent
+        paths, targets, sources, missing = [], [], [], []
+        for lineno, rel, tags in rows:
+            unknown = [t for t in tags if t not in index]
+            if unknown:
+                raise ValueError(
+                    f"{manifest}:{lineno}: unknown label '{unknown[0]}' "
+                    f"(not in the given vocabulary of {len(names)} classes)"
+                )
+            p = Path(rel) if Path(rel).is_absolute() else base / rel
+            if check_files and not p.is_file():
+                missing.append((lineno, p))
+            paths.append(str(p))
+            targets.append(sorted({index[t] for t in tags}))
+            sources.append(f"{manifest}:{lineno}")
+        if missing:
+            lineno, p = missing[0]
+            more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"{manifest}:{lineno}: image not found: {p}{more}")
+        super().__init__(paths, targets, names, on_bad_image, sources)
+        self.manifest = manifest
+
+
+class ImageFolderImages(ImageFiles):
+    """A torchvision ``ImageFolder`` tree (``root/<class>/<image>``): one tag per image, one-hot."""
+
+    def __init__(self, root: str | Path, on_bad_image: str = "error"):
+        from torchvision.datasets import ImageFolder
+
+        folder = ImageFolder(str(root))  # finds classes and files; reads no image
+        super().__init__([p for p, _ in folder.samples], [[t] for _, t in folder.samples], folder.classes, on_bad_image)
+        self.root = Path(root)

@@ -1,0 +1,160 @@
+"""Views for pre-training (SPEC "One training step") and the plain transform for evaluation.
+
+One uint8 image gives two augmented views (random resized crop, horizontal flip, colour jitter,
+random rotation, RandAugment; then normalisation) and one SimMIM mask. The views and the mask of
+a sample are a pure function of ``(seed, epoch, index)``: :class:`PretrainViews` draws them
+under a forked, re-seeded torch RNG, so a resumed run or any number of processes and workers
+produce the same batches, and the caller's RNG state is left as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from hvpmtl.data.config import IMAGENET_MEAN, IMAGENET_STD
+from hvpmtl.data.masking import MaskGenerator
+
+
+def view_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed mixing ``(seed, epoch, index)`` (numpy ``SeedSequence``)."""
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class TwoViewTransform:
+    """uint8 ``3 x H x W`` image -> ``(v0, v1, mask)``: two float views and a ``g x g`` mask.
+
+    Each view: ``RandomResizedCrop(img_size, crop_scale, crop_ratio)`` -> flip (prob ``hflip``)
+    -> rotation (uniform in ``[-rotation, rotation]`` degrees) -> colour jitter (brightness,
+    contrast, saturation ``color_jitter``, hue ``color_jitter / 4``, prob ``color_jitter_prob``)
+    -> RandAugment(``rand_augment_ops``, ``rand_augment_magnitude``) -> float -> normalise.
+    A strength of 0 (or ``rand_augment=False``) leaves that step out. Randomness comes from the
+    global torch RNG; seed it (as :class:`PretrainViews` does) for reproducible views.
+    """
+
+    def __init__(
+        self,
+        img_size: int,
+        mask_patch_size: int = 32,
+        mask_ratio: float = 0.6,
+        crop_scale: tuple[float, float] = (0.67, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float = 0.4,
+        color_jitter_prob: float = 0.8,
+        rotation: float = 10.0,
+        rand_augment: bool = True,
+        rand_augment_ops: int = 2,
+        rand_augment_magnitude: int = 9,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        steps: list = [v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio))]
+        if hflip > 0:
+            steps.append(v2.RandomHorizontalFlip(hflip))
+        if rotation > 0:
+            steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR))
+        if color_jitter > 0 and color_jitter_prob > 0:
+            s = color_jitter
+            steps.append(v2.RandomApply([v2.ColorJitter(s, s, s, min(s / 4, 0.5))], p=color_jitter_prob))
+        if rand_augment:
+            steps.append(v2.RandAugment(rand_augment_ops, rand_augment_magnitude))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        self.view = v2.Compose(steps)
+        self.masks = MaskGenerator(img_size, mask_patch_size, mask_ratio)
+        self.img_size = img_size
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image = tv_tensors.Image(image)
+        v0, v1 = self.view(image), self.view(image)
+        return v0.as_subclass(torch.Tensor), v1.as_subclass(torch.Tensor), self.masks(1)[0]
+
+    def __repr__(self) -> str:
+        return f"TwoViewTransform({self.view}, mask_grid={self.masks.grid}, masked={self.masks.num_masked})"
+
+
+class EvalTransform:
+    """uint8 image -> float ``3 x S x S``: resize the short side to ``S / crop_pct``, centre-crop
+    ``S``, normalise (no randomness; for linear probe and kNN)."""
+
+    def __init__(
+        self,
+        img_size: int,
+        crop_pct: float = 0.875,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
+        self.transform = v2.Compose(
+            [
+                v2.Resize(int(round(img_size / crop_pct))),
+                v2.CenterCrop(img_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(mean), list(std)),
+            ]
+        )
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transform(tv_tensors.Image(image)).as_subclass(torch.Tensor)
+
+
+def _parse_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(key, (tuple, list)):
+        index, epoch = key
+        return int(index), int(epoch)
+    return int(key), 0
+
+
+class PretrainViews(Dataset):
+    """Pre-training samples: ``base[index]`` -> two views, one mask, its tags.
+
+    ``dataset[i]`` is epoch 0; ``dataset[(i, epoch)]`` (what the training sampler yields) draws
+    the views of that epoch. Returns ``{"views": (v0, v1), "mask": g x g bool, "labels": C
+    float, "index": int}``; the views and mask depend only on ``(seed, epoch, index)``.
+    """
+
+    def __init__(self, base: Dataset, view_transform: TwoViewTransform, seed: int = 0):
+        self.base, self.transform, self.seed = base, view_transform, seed
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = _parse_key(key)
+        sample = self.base[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(view_seed(self.seed, epoch, index))
+            v0, v1, mask = self.transform(sample["image"])
+        return {"views": (v0, v1), "mask": mask, "labels": sample["labels"].float(), "index": index}
+
+
+def collate_pretrain(samples: Sequence[dict]) -> dict:
+    """Stack :class:`PretrainViews` samples into the batch ``HVPMTL.forward`` takes:
+    ``{"views": [B x 3 x H x W] * 2, "mask": B x g x g, "labels": B x C, "index": B}``."""
+    return {
+        "views": [torch.stack([s["views"][k] for s in samples]) for k in (0, 1)],
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "labels": torch.stack([s["labels"] for s in samples]),
+        "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+    }
+
+
+class EvalImages(Dataset):
+    """``(image float 3 x S x S, labels float C)`` pairs for linear probe and kNN."""
+
+    def __init__(self, base: Dataset, transform: EvalTransform):
+        self.base, self.transform = base, transform
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sample = self.base[index]
+        return self.transform(sample["image"]), sample["labels"].float()
