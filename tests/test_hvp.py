@@ -74,7 +74,7 @@ def test_teacher_is_ema_of_student_and_gets_no_gradient(tiny_cfg):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     opt.step()
     before = {n: p.detach().clone() for n, p in model.teacher.named_parameters()}
-    model.update_teacher()
+    model.after_step()
     student = dict(model.named_parameters())
     for name, t in model.teacher.named_parameters():
         s = student[name.replace("teacher.", "", 1) if name.startswith("teacher.") else name]
@@ -104,18 +104,26 @@ def test_prototypes_frozen_for_the_first_iterations():
     model = hvpmtl.build(cfg)
     batch = make_batch(cfg)
     model(batch)["loss"].backward()
-    assert model.swav.prototypes.weight.grad is None
+    assert torch.count_nonzero(model.swav.prototypes.weight.grad) == 0
     model.zero_grad()
-    model.update_teacher()
-    model.update_teacher()
+    model.after_step()
+    model.after_step()
     model(batch)["loss"].backward()
-    assert model.swav.prototypes.weight.grad is not None
+    assert model.swav.prototypes.weight.grad.abs().sum() > 0
+
+
+def test_after_step_renormalises_prototypes():
+    model = hvpmtl.build(tiny_config())
+    with torch.no_grad():
+        model.swav.prototypes.weight.mul_(2.0)
+    model.after_step()
+    torch.testing.assert_close(model.swav.prototypes.weight.norm(dim=1), torch.ones(8))
 
 
 def test_iteration_is_saved_in_the_state_dict(tiny_cfg):
     model = hvpmtl.build(tiny_cfg)
     for _ in range(3):
-        model.update_teacher()
+        model.after_step()
     other = hvpmtl.build(tiny_cfg)
     other.load_state_dict(model.state_dict())
     assert other.iteration == 3
@@ -155,7 +163,7 @@ def _train(model, batch, steps, lr=1e-3):
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
-        model.update_teacher()
+        model.after_step()
         history.append({k: v.item() for k, v in out.items() if k.startswith("loss")})
     return history
 

@@ -8,7 +8,7 @@ Researchers with their own loop::
     model = hvpmtl.build(cfg, num_classes=10)
     out = model(batch)            # {"loss", "loss_mlc", "loss_swav", "loss_mim", "loss_distill", ...}
     out["loss"].backward(); optimizer.step(); optimizer.zero_grad()
-    model.update_teacher()        # EMA teacher step, after every optimiser step
+    model.after_step()            # EMA teacher, prototype re-normalisation; after every optimiser step
 """
 
 from __future__ import annotations

@@ -170,7 +170,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         kwargs[key] = _coerce(value, hints[key], dotted)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
-        obj.validate(prefix)
+        try:
+            obj.validate(prefix)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
     return obj
 
 

@@ -36,7 +36,7 @@ class HVPMTL(nn.Module):
 
     ``forward(batch)`` takes ``{"views": [v0, v1] (each B x 3 x H x W, normalised),
     "mask": B x h x w bool (SimMIM units), "labels": B x C multi-hot}`` and returns
-    ``{"loss": total, "loss_<task>": unweighted part, ...}``. Call :meth:`update_teacher` after
+    ``{"loss": total, "loss_<task>": unweighted part, ...}``. Call :meth:`after_step` after
     each optimiser step.
     """
 
@@ -79,13 +79,27 @@ class HVPMTL(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
 
+    @property
+    def has_unused_parameters(self) -> bool:
+        """True when some trainable parameter gets no gradient (MLC's read-out when only MD uses
+        the decoder); DDP then needs ``find_unused_parameters``."""
+        return self.mlc is not None and "mlc" not in self.weights
+
     @torch.no_grad()
     def update_teacher(self) -> None:
-        """EMA step ``t <- m t + (1 - m) s`` (parameters only, ALBEF); advances the iteration."""
+        """EMA step ``t <- m t + (1 - m) s`` (parameters only, ALBEF)."""
         if self.teacher is not None:
             teacher = [*self.teacher["backbone"].parameters(), *self.teacher["mlc"].parameters()]
             student = [*self.backbone.parameters(), *self.mlc.parameters()]
             ema_update(teacher, student, self.tasks_cfg.distill.momentum)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """The one call after each optimiser step: EMA teacher update, SwAV prototypes back onto
+        the unit sphere (SwAV normalises them before every step), iteration count + 1."""
+        self.update_teacher()
+        if self.swav is not None:
+            self.swav.normalize_prototypes()
         self.iteration += 1
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -132,8 +146,6 @@ class HVPMTL(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         views, mask, labels = batch["views"], batch.get("mask"), batch.get("labels")
-        if self.training and self.swav is not None:
-            self.swav.normalize_prototypes()
         need = self._inputs()
         feats = self._encode(views, mask, list(need.values()))
         losses: dict[str, torch.Tensor] = {}

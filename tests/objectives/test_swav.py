@@ -78,9 +78,15 @@ def test_head_normalises_features_and_prototypes():
     assert scores.shape == (4, 5) and scores.abs().max() <= 1.0 + 1e-5  # cosine scores
 
 
-def test_frozen_prototypes_get_no_gradient():
+def test_frozen_prototypes_get_a_zero_gradient():
     head = SwAVHead(12, SwAVConfig(hidden_dim=16, out_dim=8, num_prototypes=5))
-    scores, _ = head(torch.randn(4, 12), freeze_prototypes=True)
-    scores.sum().backward()
-    assert head.prototypes.weight.grad is None
-    assert head.projection[0].weight.grad is not None
+    x = torch.randn(4, 12)
+    frozen, _ = head(x, freeze_prototypes=True)
+    frozen.square().sum().backward()
+    assert torch.count_nonzero(head.prototypes.weight.grad) == 0
+    assert head.projection[0].weight.grad.abs().sum() > 0
+    head.zero_grad()
+    free, _ = head(x)
+    torch.testing.assert_close(free, frozen)  # same scores, only the gradient differs
+    free.square().sum().backward()
+    assert head.prototypes.weight.grad.abs().sum() > 0

@@ -61,9 +61,13 @@ class SwAVHead(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, x: torch.Tensor, freeze_prototypes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen prototypes get an all-zero gradient (rather than none), so that every trainable
+        parameter takes part in each step and DDP needs no search for unused parameters."""
         z = F.normalize(self.projection(x), dim=1)  # unnormalised inputs give NaN in Sinkhorn
         w = self.prototypes.weight
-        return z @ (w.detach() if freeze_prototypes else w).t(), z
+        if freeze_prototypes:
+            w = w.detach() + 0.0 * w
+        return z @ w.t(), z
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:

@@ -1,0 +1,106 @@
+"""Optimisation, loop and distribution configuration (paper values as defaults, Sec. 3.3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp")
+BACKENDS = ("auto", "nccl", "gloo")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _checker(obj, prefix: str):
+    def check(ok: bool, name: str, why: str) -> None:
+        if not ok:
+            key = f"{prefix}.{name}" if prefix else name
+            raise ValueError(f"{key}={getattr(obj, name)!r}: {why}")
+
+    return check
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, per optimiser step (paper Sec. 3.3).
+
+    The learning rate rises linearly to ``lr`` over the warm-up (reaching it on its last step)
+    and follows a cosine down to ``min_lr`` on the last step of the run. ``weight_decay_end``
+    (optional) gives the decayed parameters a cosine weight-decay schedule as in DINO.
+    """
+
+    lr: float = 1e-4
+    min_lr: float = 1e-7
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # None: constant weight decay
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: float = 5.0
+    warmup_steps: int = -1  # >= 0 overrides warmup_epochs (useful with train.max_steps)
+    clip_grad: float = 5.0  # SimMIM's pre-training clip (global L2 norm); 0 disables
+    impl: str = "auto"  # auto (fused where supported, else foreach) | fused | foreach | plain
+
+    def validate(self, prefix: str = "") -> None:
+        check = _checker(self, prefix)
+        check(self.lr > 0, "lr", "must be positive")
+        check(0 <= self.min_lr <= self.lr, "min_lr", "must be in [0, lr]")
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        check(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end", "must be >= 0")
+        check(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
+        check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 disables)")
+        check(self.impl in ("auto", "fused", "foreach", "plain"), "impl", "choose auto, fused, foreach or plain")
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, precision, logging and checkpoints.
+
+    ``data.batch_size`` is the global batch of one optimiser step; it is split over the
+    processes and then over ``accum_steps`` micro-batches.
+    """
+
+    epochs: int = 30
+    max_steps: int = 0  # > 0: stop after this many optimiser steps (overrides epochs)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
+    precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a GradScaler)
+    compile: bool = False  # torch.compile the backbone(s)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10  # steps between host syncs: progress bar, metrics.csv, TensorBoard
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_ckpts: int = 2  # step checkpoints kept in <output_dir>/checkpoints (0 keeps all)
+    resume: str = ""  # "" | auto (latest checkpoint in output_dir) | path to a checkpoint
+    max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
+    progress: bool = True  # tqdm progress bar on rank 0
+    stop_after: int = 0  # testing knob: > 0 simulates a crash after this step (no final save)
+    nan_at_step: int = -1  # testing knob: >= 0 injects NaN into the loss from this step on
+
+    def validate(self, prefix: str = "") -> None:
+        check = _checker(self, prefix)
+        check(self.epochs > 0, "epochs", "must be positive")
+        check(self.max_steps >= 0, "max_steps", "must be >= 0 (0: use epochs)")
+        check(self.accum_steps >= 1, "accum_steps", "must be >= 1")
+        check(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
+        check(self.device in DEVICES, "device", f"choose one of {', '.join(DEVICES)}")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
+        check(self.keep_ckpts >= 0, "keep_ckpts", "must be >= 0")
+        check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        check(bool(self.output_dir), "output_dir", "must not be empty")
+
+
+@dataclass
+class DistConfig:
+    """Data parallelism under torchrun (``WORLD_SIZE`` > 1); ignored in a single process."""
+
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard on blocks and model)
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    sync_bn: bool = True  # BatchNorm statistics over the global batch (the SwAV head's BN)
+    timeout_min: int = 30  # process-group timeout
+
+    def validate(self, prefix: str = "") -> None:
+        check = _checker(self, prefix)
+        check(self.strategy in STRATEGIES, "strategy", f"choose one of {', '.join(STRATEGIES)}")
+        check(self.backend in BACKENDS, "backend", f"choose one of {', '.join(BACKENDS)}")
+        check(self.timeout_min > 0, "timeout_min", "must be positive")

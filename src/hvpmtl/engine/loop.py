@@ -1,0 +1,362 @@
+"""The pre-training loop: AdamW, per-step schedules, clipping, accumulation, AMP, EMA teacher.
+
+One optimiser step (paper Sec. 3.3, SimMIM's clip, ALBEF's EMA): for each of ``accum_steps``
+micro-batches, forward under autocast and backward; clip the global gradient norm; if the loss
+and the gradient are finite, step AdamW and then the EMA teacher (``model.after_step()``),
+otherwise skip both and count the step. Per-step values stay on the device and are read back
+once per ``train.log_every`` steps; the only per-step host sync is the finite/non-finite flag.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import hvpmtl
+from hvpmtl.config import Config, ConfigError, save_config, to_dict
+from hvpmtl.engine import checkpoint as ckpt_io
+from hvpmtl.engine.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    gradient_sync,
+    init_distributed,
+    is_fsdp,
+    unwrap,
+    wrap_model,
+)
+from hvpmtl.engine.metrics import MetricsLogger, format_summary, read_metrics, summarize
+from hvpmtl.engine.optim import build_optimizer
+from hvpmtl.engine.sampler import GlobalBatchSampler
+from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class SimulatedCrash(RuntimeError):
+    """Raised by the ``train.stop_after`` testing knob (a crash without a final checkpoint)."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    output_dir: Path
+    steps: int
+    skipped_steps: int
+    seconds: float
+    images_per_s: float
+    losses: dict = field(default_factory=dict)  # key -> (first, last)
+    checkpoint: Path | None = None
+    backbone: Path | None = None
+
+
+def pretrain(cfg: Config, resume: str | None = None) -> RunResult:
+    """Run (or continue) pre-training as ``cfg`` describes; works alone and under torchrun."""
+    env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
+    try:
+        try:
+            trainer = Trainer(cfg, env, resume)
+        except ConfigError:
+            raise
+        except ValueError as err:  # the run cannot start with this config (sizes, folders, data)
+            raise ConfigError(str(err)) from err
+        return trainer.fit()
+    finally:
+        cleanup_distributed()
+
+
+class Trainer:
+    """Builds data, model, optimiser and schedules from a config; :meth:`fit` trains."""
+
+    def __init__(self, cfg: Config, env: DistEnv, resume: str | None = None):
+        cfg = copy.deepcopy(cfg)
+        t = cfg.train
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(t.output_dir)
+        if t.precision == "fp16" and env.device.type != "cuda":
+            raise ValueError("train.precision=fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
+        ckpt_path = self._checkpoint_to_resume(resume or t.resume)
+
+        from hvpmtl.data import build_pretrain_dataset, collate_pretrain
+
+        self.dataset = build_pretrain_dataset(cfg, "train")
+        if cfg.data.num_classes is None:
+            cfg.data.num_classes = len(self.dataset.classes)
+        torch.manual_seed(t.seed)  # the initial weights depend on train.seed only
+        model = hvpmtl.build(cfg, cfg.data.num_classes).to(env.device)
+        if t.compile:
+            model.backbone.compile()
+            if model.teacher is not None:
+                model.teacher["backbone"].compile()
+        torch.manual_seed(t.seed + env.rank)  # per-rank stream for dropout / drop path
+        self.model = wrap_model(model, env, cfg.dist.strategy, cfg.dist.sync_bn)
+        self.inner = unwrap(self.model)
+        self.fsdp = is_fsdp(self.model)
+        self.optimizer = build_optimizer(self.inner, cfg.optim, env.device)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+
+        self.sampler = GlobalBatchSampler(
+            len(self.dataset), cfg.data.batch_size, env.rank, env.world_size, t.accum_steps, t.seed
+        )
+        nw = cfg.data.num_workers
+        self.loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=nw,
+            collate_fn=collate_pretrain,
+            pin_memory=cfg.data.pin_memory and env.device.type == "cuda",
+            persistent_workers=cfg.data.persistent_workers and nw > 0,
+            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG out of it
+        )
+        spe = self.sampler.steps_per_epoch
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * spe
+        warm = warmup_steps_for(cfg.optim.warmup_epochs, cfg.optim.warmup_steps, spe)
+        o = cfg.optim
+        self.lr = warmup_cosine(o.lr, o.min_lr, self.total_steps, warm)
+        wd_end = o.weight_decay if o.weight_decay_end is None else o.weight_decay_end
+        self.wd = warmup_cosine(o.weight_decay, wd_end, self.total_steps, 0)
+
+        # which logged values are per-image sums (add over ranks) rather than means
+        self.tasks = list(self.inner.weights)
+        self.keys = tuple(f"loss_{k}" for k in self.tasks) + (("swav_collapse",) if "swav" in self.tasks else ())
+        self.sum_keys = {"loss_mlc"} if "mlc" in self.tasks and cfg.tasks.mlc.reduction == "sum" else set()
+
+        self.step, self.skipped, self.bad_streak = 0, 0, 0
+        if ckpt_path is not None:
+            self._resume(ckpt_path)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        barrier(env)
+        self.logger = MetricsLogger(
+            self.run_dir, ("loss", *self.keys), self.total_steps, self.step, cfg.data.batch_size,
+            enabled=env.is_main, progress=t.progress,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------
+    def _checkpoint_to_resume(self, resume: str) -> Path | None:
+        """Rank 0 decides (a shared file system may show files late) and tells the others."""
+        choice: tuple[str, str] = ("none", "")
+        if self.env.is_main:
+            latest = ckpt_io.find_latest(self.run_dir)
+            if resume == "auto":
+                choice = ("path", str(latest)) if latest is not None else choice
+            elif resume:
+                choice = ("path", resume)
+            elif latest is not None:
+                choice = ("error", (
+                    f"train.output_dir={self.run_dir} already holds checkpoints (latest: {latest.name}); "
+                    "continue it with train.resume=auto (or --resume PATH), or choose another train.output_dir"
+                ))  # fmt: skip
+        kind, value = broadcast_object(choice, self.env)
+        if kind == "error":
+            raise ValueError(value)
+        return Path(value) if kind == "path" else None
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt_io.load_checkpoint(path)
+        old, new = _flat(state.get("config", {})), _flat(to_dict(self.cfg))
+        changed = sorted(k for k in new if k in old and old[k] != new[k] and not k.startswith("train."))
+        if changed and self.env.is_main:
+            print(f"warning: resuming {path} with a changed config: {', '.join(changed)}")
+        ckpt_io.restore(state, self.model, self.optimizer, self.scaler, self.env)
+        self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+        self.bad_streak = int(state.get("bad_streak", 0))
+        if self.env.is_main:
+            print(f"resumed from {path} at step {self.step}")
+
+    def _save(self) -> Path:
+        path = ckpt_io.checkpoint_path(self.run_dir, self.step)
+        spe = self.sampler.steps_per_epoch
+        loop_state = {
+            "step": self.step, "epoch": self.step // spe, "step_in_epoch": self.step % spe,
+            "skipped_steps": self.skipped, "bad_streak": self.bad_streak,
+        }  # fmt: skip
+        ckpt_io.save_checkpoint(path, self.model, self.optimizer, self.scaler, loop_state, to_dict(self.cfg), self.env)
+        if self.env.is_main:
+            ckpt_io.prune_checkpoints(self.run_dir, self.cfg.train.keep_ckpts)
+        return path
+
+    # ------------------------------------------------------------------------------------------
+    def _objective(self, out: dict) -> torch.Tensor:
+        """The loss to back-propagate so that averaging gradients over ranks and summing them over
+        micro-batches gives the gradient of one process on the whole global batch: mean-reduced
+        losses are divided by ``accum_steps``; an image-summed MLC loss is multiplied by the
+        number of ranks instead (a sum over the global batch is the sum of the local sums)."""
+        loss = out["loss"]
+        if self.sum_keys:
+            w = self.inner.weights["mlc"]
+            shards = self.env.world_size * self.cfg.train.accum_steps
+            loss = loss + (shards - 1) * w * out["loss_mlc"]
+        return loss / self.cfg.train.accum_steps
+
+    def _micro_factors(self) -> torch.Tensor:
+        a = self.cfg.train.accum_steps
+        return torch.tensor([1.0 if k in self.sum_keys else 1.0 / a for k in self.keys], device=self.env.device)
+
+    def _train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        t, dev = self.cfg.train, self.env.device
+        for g in self.optimizer.param_groups:
+            g["lr"] = float(self.lr[self.step])
+            g["weight_decay"] = float(self.wd[self.step]) * g.get("wd_scale", 1.0)
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16,
+                             enabled=t.precision != "fp32")  # fmt: skip
+        values = torch.zeros(len(self.keys), device=dev)
+        factors = self._micro_factors()
+        bad = torch.zeros((), device=dev)
+        for a in range(t.accum_steps):
+            batch = _to_device(next(batches), dev)
+            with gradient_sync(self.model, a == t.accum_steps - 1):
+                with amp:
+                    out = self.model(batch)
+                    if 0 <= t.nan_at_step <= self.step:
+                        out = {k: v * math.nan if k.startswith("loss") else v for k, v in out.items()}
+                    loss = self._objective(out)
+                (self.scaler.scale(loss) if self.scaler else loss).backward()  # outside autocast
+            values += torch.stack([out[k].detach().float() for k in self.keys]) * factors
+            bad += (~torch.isfinite(loss.detach())).float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.inner.parameters() if p.grad is not None]
+        if self.cfg.optim.clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        if self.scaler is None:
+            bad += (~torch.isfinite(norm)).float()  # fp16 overflows are the scaler's business
+        ok = all_reduce_sum(bad, self.env).item() == 0  # the one per-step host sync
+        if ok:
+            if self.scaler is not None:
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                stepped = self.scaler.get_scale() >= scale
+            else:
+                self.optimizer.step()
+                stepped = True
+            if stepped:
+                self.inner.after_step()
+            else:
+                self.skipped += 1
+        elif self.scaler is not None:
+            self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return values, norm.detach().float(), ok
+
+    def _flush(self, pending: list) -> float:
+        """Read back the buffered steps (one device sync, one all-reduce), log them; img/s."""
+        if not pending:
+            return 0.0
+        vals = torch.stack([p[1] for p in pending])
+        vals = all_reduce_sum(vals, self.env)
+        ranks = torch.tensor([1.0 if k in self.sum_keys else 1.0 / self.env.world_size for k in self.keys])
+        vals = (vals.cpu() * ranks).tolist()
+        norms = torch.stack([p[2] for p in pending]).cpu().tolist()
+        now = time.perf_counter()
+        rate = len(pending) * self.cfg.data.batch_size / max(now - self._last_flush, 1e-9)
+        self._last_flush = now
+        spe = self.sampler.steps_per_epoch
+        rows = []
+        for (step, _, _, skipped), v, n in zip(pending, vals, norms):
+            row = dict(zip(self.keys, v))
+            row["loss"] = sum(self.inner.weights[k] * row[f"loss_{k}"] for k in self.tasks)
+            row.update(step=step, epoch=round(step / spe, 4), lr=float(self.lr[step - 1]),
+                       wd=float(self.wd[step - 1]), grad_norm=n, img_per_s=rate, skipped_steps=skipped)  # fmt: skip
+            rows.append(row)
+        self.logger.log(rows)
+        pending.clear()
+        return rate
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self) -> RunResult:
+        t, spe = self.cfg.train, self.sampler.steps_per_epoch
+        start_step, start = self.step, time.perf_counter()
+        self._last_flush = start
+        pending: list = []
+        last_ckpt = None
+        self.model.train()
+        try:
+            while self.step < self.total_steps:
+                epoch, pos = divmod(self.step, spe)
+                self.sampler.set_epoch(epoch, pos)
+                batches = iter(self.loader)
+                for _ in range(pos, spe):
+                    values, norm, ok = self._train_step(batches)
+                    self.step += 1
+                    if not ok:
+                        self.skipped += 1
+                        self.bad_streak += 1
+                        self.logger.message(
+                            f"step {self.step}: non-finite loss or gradient, step skipped "
+                            f"({self.bad_streak} in a row, {self.skipped} in all)"
+                        )
+                        if self.bad_streak >= t.max_bad_steps:
+                            pending.append((self.step, values, norm, self.skipped))
+                            self._flush(pending)
+                            raise NonFiniteLossError(
+                                f"{self.bad_streak} consecutive steps had a non-finite loss or gradient "
+                                f"(train.max_bad_steps={t.max_bad_steps}), last at step {self.step}; "
+                                "lower optim.lr, use train.precision=fp32, or check the data"
+                            )
+                    else:
+                        self.bad_streak = 0
+                    pending.append((self.step, values, norm, self.skipped))
+                    done = self.step >= self.total_steps
+                    if self.step % t.log_every == 0 or done or self.step % t.ckpt_every == 0:
+                        self._flush(pending)
+                    if self.step % t.ckpt_every == 0 or done:
+                        last_ckpt = self._save()
+                    if t.stop_after and self.step >= t.stop_after and not done:
+                        raise SimulatedCrash(f"simulated crash after step {self.step} (train.stop_after)")
+                    if done:
+                        break
+                del batches
+            seconds = time.perf_counter() - start
+            self._flush(pending)
+            if last_ckpt is None and self.env.is_main:
+                last_ckpt = ckpt_io.find_latest(self.run_dir)
+            paths = ckpt_io.export_weights(self.run_dir, self.model, to_dict(self.cfg), self.env)
+        finally:
+            self.logger.close()
+        images = (self.step - start_step) * self.cfg.data.batch_size
+        result = RunResult(self.run_dir, self.step, self.skipped, seconds, images / max(seconds, 1e-9),
+                           checkpoint=last_ckpt, backbone=paths.get("backbone"))  # fmt: skip
+        if self.env.is_main:
+            result.losses = summarize(read_metrics(self.run_dir / "metrics.csv"), ("loss", *self.keys))["losses"]
+            print(format_summary({"losses": result.losses}, self.step, self.skipped, seconds, result.images_per_s))
+            print(f"run folder: {self.run_dir}")
+        return result
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, (list, tuple)):
+            out[k] = [x.to(device, non_blocking=nb) for x in v]
+        else:
+            out[k] = v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out

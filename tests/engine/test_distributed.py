@@ -1,0 +1,130 @@
+"""Data parallelism (engine/distributed.py): N processes x B/N reproduce 1 process x B.
+
+The torchrun runs use gloo on CPU. Stochastic layers (the MLC decoder's dropout) draw per-process
+randomness, so they are switched off here; everything else (views, masks, Sinkhorn over the
+global batch, BatchNorm over the global batch, MLC's image-summed loss) must agree.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from torch import nn
+
+from hvpmtl.engine.distributed import GlobalBatchNorm, convert_global_batchnorm
+from hvpmtl.engine.metrics import read_metrics
+
+from .conftest import TINY, free_port, torchrun
+
+LOSSES = ("loss", "loss_mlc", "loss_swav", "loss_mim", "loss_distill", "grad_norm")
+COMMON = [*TINY, "tasks.mlc.dropout=0", "train.log_every=1", "data.num_workers=0"]
+
+
+def _bn_worker(rank: int, port: int, x: torch.Tensor, result: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    bn = GlobalBatchNorm(5)
+    bn.weight.data.uniform_()
+    xr = x[rank * 3 : (rank + 1) * 3].clone().requires_grad_(True)
+    y = bn(xr)
+    (y * torch.arange(5.0)).pow(2).sum().backward()
+    result[rank] = (y.detach(), xr.grad, bn.running_mean, bn.running_var, bn.weight.grad)
+    dist.destroy_process_group()
+
+
+def test_global_batchnorm_matches_batchnorm_on_union():
+    torch.manual_seed(1)
+    x = torch.randn(6, 5) * 3 + 1
+    manager = mp.Manager()
+    result = manager.dict()
+    mp.spawn(_bn_worker, args=(free_port(), x, result), nprocs=2, join=True)
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(5)
+    bn.weight.data.uniform_()
+    xs = x.clone().requires_grad_(True)
+    y = bn(xs)
+    (y * torch.arange(5.0)).pow(2).sum().backward()
+    torch.testing.assert_close(torch.cat([result[0][0], result[1][0]]), y.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat([result[0][1], result[1][1]]), xs.grad, atol=1e-5, rtol=1e-5)
+    for r in (0, 1):
+        torch.testing.assert_close(result[r][2], bn.running_mean)
+        torch.testing.assert_close(result[r][3], bn.running_var)
+    # each rank holds the gradient of its own half; DDP sums (then averages) them
+    torch.testing.assert_close(result[0][4] + result[1][4], bn.weight.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_convert_keeps_state_and_single_process_falls_back():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    model[1].running_mean.fill_(0.5)
+    converted = convert_global_batchnorm(model)
+    assert isinstance(converted[1], GlobalBatchNorm)
+    assert converted[1].running_mean.eq(0.5).all()
+    x = torch.randn(5, 4)
+    ref = nn.BatchNorm1d(8)
+    ref.load_state_dict(converted[1].state_dict())
+    torch.testing.assert_close(converted(x), ref(model[0](x)))
+
+
+_SINGLE: dict = {}
+
+
+def _single(tmp_path_factory, accum: int = 1):
+    """The 1-process reference run (cached per accumulation setting)."""
+    from hvpmtl.cli import main
+
+    if accum not in _SINGLE:
+        out = tmp_path_factory.mktemp(f"single{accum}") / "run"
+        args = [*COMMON, "train.max_steps=4", f"train.accum_steps={accum}", f"train.output_dir={out}"]
+        assert main(["pretrain", *args]) == 0
+        _SINGLE[accum] = out
+    return _SINGLE[accum]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory):
+    return _single(tmp_path_factory)
+
+
+def _compare(single, multi) -> None:
+    a, b = read_metrics(single / "metrics.csv"), read_metrics(multi / "metrics.csv")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        for k in LOSSES:
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    wa, wb = load_file(single / "model.safetensors"), load_file(multi / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    diffs = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
+    # Adam turns rounding noise in near-zero gradients (key biases, biases before BatchNorm,
+    # the prototypes' first step) into steps of up to ~lr = 1e-3; a real mismatch moves everything
+    assert diffs.max() < 2e-3 and diffs.median() < 1e-6, (diffs.max(), diffs.median())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
+def test_two_processes_match_one(strategy, accum, tmp_path_factory, tmp_path):
+    # with accum_steps=2 the non-final micro-batch runs without gradient sync (no_sync /
+    # set_requires_gradient_sync); one process with the same accumulation is the reference
+    out = tmp_path / strategy
+    args = [*COMMON, "train.max_steps=4", f"train.accum_steps={accum}", f"train.output_dir={out}"]
+    r = torchrun(2, ["pretrain", *args, f"dist.strategy={strategy}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("throughput") == 1  # rank 0 prints the summary, once
+    _compare(_single(tmp_path_factory, accum), out)
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_resumes_in_one_process(single_run, tmp_path):
+    from hvpmtl.cli import main
+
+    out = tmp_path / "fsdp"
+    r = torchrun(2, ["pretrain", *COMMON, "train.max_steps=4", "train.stop_after=2", "train.ckpt_every=2",
+                     f"train.output_dir={out}", "dist.strategy=fsdp"])  # fmt: skip
+    assert r.returncode != 0 and "simulated crash after step 2" in r.stderr
+    assert main(["pretrain", *COMMON, "train.max_steps=4", f"train.output_dir={out}", "train.resume=auto"]) == 0
+    _compare(single_run, out)
