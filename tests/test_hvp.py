@@ -6,6 +6,7 @@ import torch
 import hvpmtl
 from conftest import make_batch, tiny_config
 from hvpmtl.objectives.distill import label_similarity, symmetric_kl
+from hvpmtl.objectives.mim import masked_l1_loss
 
 ALL = {"loss_mlc", "loss_swav", "loss_mim", "loss_distill"}
 
@@ -208,3 +209,23 @@ def test_distill_matches_hand_assembled_loss(tiny_cfg):
         q0 = model.mlc.label_embed.weight
         expected = symmetric_kl(label_similarity(h.mean(1), q0), label_similarity(ht.mean(1), q0))
     torch.testing.assert_close(out["loss_distill"], expected)
+
+
+def test_summed_losses_follow_the_mlc_reduction():
+    assert hvpmtl.build(tiny_config()).summed_losses == {"loss_mlc"}
+    assert hvpmtl.build(tiny_config("tasks.mlc.reduction=mean")).summed_losses == set()
+    assert hvpmtl.build(tiny_config("tasks.mlc.weight=0")).summed_losses == set()
+
+
+def test_reconstruct_is_the_prediction_mim_scores():
+    cfg = tiny_config("tasks.mlc.weight=0", "tasks.swav.weight=0", "tasks.distill.weight=0")
+    model = hvpmtl.build(cfg).eval()
+    batch = make_batch(cfg)
+    view = batch["views"][model.routing.masked_view]
+    recon = model.reconstruct(view, batch["mask"])
+    assert recon.shape == view.shape
+    with torch.no_grad():
+        loss = model(batch)["loss_mim"]
+    torch.testing.assert_close(masked_l1_loss(recon, view, batch["mask"]), loss)
+    with pytest.raises(RuntimeError, match="tasks.mim"):
+        hvpmtl.build(tiny_config("tasks.mim.weight=0")).reconstruct(view, batch["mask"])

@@ -80,6 +80,13 @@ class HVPMTL(nn.Module):
         self.iteration = int(state["iteration"])
 
     @property
+    def summed_losses(self) -> set[str]:
+        """Loss keys summed (not averaged) over images: under data parallelism and gradient
+        accumulation the engine rescales these so the gradient is the whole batch's."""
+        on = "mlc" in self.weights and self.tasks_cfg.mlc.reduction == "sum"
+        return {"loss_mlc"} if on else set()
+
+    @property
     def has_unused_parameters(self) -> bool:
         """True when some trainable parameter gets no gradient (MLC's read-out when only MD uses
         the decoder); DDP then needs ``find_unused_parameters``."""

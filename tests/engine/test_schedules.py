@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hvpmtl.engine.schedules import cosine, warmup_cosine, warmup_steps_for
+from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
 
 
 def test_warmup_reaches_lr_and_cosine_ends_at_min_lr():
@@ -21,7 +21,7 @@ def test_warmup_reaches_lr_and_cosine_ends_at_min_lr():
 
 
 def test_edge_cases():
-    assert cosine(1.0, 0.0, 1).tolist() == [1.0]
+    assert warmup_cosine(1.0, 0.0, 1).tolist() == [1.0]
     assert warmup_cosine(1.0, 0.0, 5, 10).tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
     assert warmup_cosine(0.05, 0.05, 4).tolist() == pytest.approx([0.05] * 4)  # constant wd
     with pytest.raises(ValueError):

@@ -22,7 +22,6 @@ _EXPORTS = {
     "unwrap": "distributed",
     "wrap_model": "distributed",
     "GlobalBatchSampler": "sampler",
-    "cosine": "schedules",
     "warmup_cosine": "schedules",
     "build_optimizer": "optim",
     "find_latest": "checkpoint",

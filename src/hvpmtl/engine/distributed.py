@@ -2,7 +2,7 @@
 
 N processes with a local batch of B/N reproduce one process with batch B: the sampler splits
 each global batch, gradients are averaged, BatchNorm statistics and the Sinkhorn sums run over
-the global batch, and losses summed over images (MLC's ``reduction: sum``) are rescaled by the
+the global batch, and losses summed over images (``model.summed_losses``) are rescaled by the
 caller (``loop.py``). The EMA teacher has ``requires_grad=False``, so DDP never syncs it; under
 FSDP it is sharded like the student so that the EMA update is a local op on matching shards.
 """

@@ -130,7 +130,7 @@ class Trainer:
         # which logged values are per-image sums (add over ranks) rather than means
         self.tasks = list(self.inner.weights)
         self.keys = tuple(f"loss_{k}" for k in self.tasks) + (("swav_collapse",) if "swav" in self.tasks else ())
-        self.sum_keys = {"loss_mlc"} if "mlc" in self.tasks and cfg.tasks.mlc.reduction == "sum" else set()
+        self.sum_keys = self.inner.summed_losses
 
         self.step, self.skipped, self.bad_streak = 0, 0, 0
         if ckpt_path is not None:
@@ -192,13 +192,12 @@ class Trainer:
     def _objective(self, out: dict) -> torch.Tensor:
         """The loss to back-propagate so that averaging gradients over ranks and summing them over
         micro-batches gives the gradient of one process on the whole global batch: mean-reduced
-        losses are divided by ``accum_steps``; an image-summed MLC loss is multiplied by the
-        number of ranks instead (a sum over the global batch is the sum of the local sums)."""
+        losses are divided by ``accum_steps``; image-summed losses (``model.summed_losses``) are
+        multiplied by the number of ranks instead (a global sum is the sum of the local sums)."""
         loss = out["loss"]
-        if self.sum_keys:
-            w = self.inner.weights["mlc"]
-            shards = self.env.world_size * self.cfg.train.accum_steps
-            loss = loss + (shards - 1) * w * out["loss_mlc"]
+        shards = self.env.world_size * self.cfg.train.accum_steps
+        for key in self.sum_keys:
+            loss = loss + (shards - 1) * self.inner.weights[key.removeprefix("loss_")] * out[key]
         return loss / self.cfg.train.accum_steps
 
     def _micro_factors(self) -> torch.Tensor:

@@ -27,11 +27,6 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
     return np.concatenate([warm, cos])
 
 
-def cosine(base: float, final: float, total_steps: int) -> np.ndarray:
-    """Cosine from ``base`` (first step) to ``final`` (last step), no warm-up."""
-    return warmup_cosine(base, final, total_steps, 0)
-
-
 def warmup_steps_for(warmup_epochs: float, warmup_steps: int, steps_per_epoch: int) -> int:
     """``warmup_steps`` when >= 0, else ``round(warmup_epochs * steps_per_epoch)``."""
     return warmup_steps if warmup_steps >= 0 else int(round(warmup_epochs * steps_per_epoch))
