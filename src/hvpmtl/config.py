@@ -20,6 +20,7 @@ import yaml
 from hvpmtl.backbones import BackboneConfig
 from hvpmtl.data.config import DataConfig
 from hvpmtl.engine.config import DistConfig, OptimConfig, TrainConfig
+from hvpmtl.eval.config import MonitorConfig
 from hvpmtl.objectives.distill import DistillConfig
 from hvpmtl.objectives.mim import MIMConfig
 from hvpmtl.objectives.mlc import MLCConfig
@@ -77,7 +78,8 @@ class TasksConfig:
 
 @dataclass
 class Config:
-    """The whole run: model (backbone + tasks), data, optimisation, loop and distribution."""
+    """The whole run: model (backbone + tasks), data, optimisation, loop, distribution and the
+    k-NN monitor."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
@@ -85,6 +87,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    eval: MonitorConfig = field(default_factory=MonitorConfig)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,12 +164,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (partial) mapping; missing keys keep their defaults."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(names))})")
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{dotted}' (known: {', '.join(sorted(fields))})")
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING:
+            value = _merge(to_dict(factory()), value)  # a block's own defaults, then the given keys
         kwargs[key] = _coerce(value, hints[key], dotted)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
@@ -221,11 +227,11 @@ def parse_override(text: str) -> dict:
     return root
 
 
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+def preset_names(preset_dir: Path = PRESET_DIR) -> list[str]:
+    return sorted(p.stem for p in preset_dir.glob("*.yaml"))
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, preset_dir: Path = PRESET_DIR) -> dict:
     try:
         data = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as err:
@@ -234,11 +240,11 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError(f"{path}: expected a mapping at top level")
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(_read_yaml(_resolve(base, path.parent)), data)
+        data = _merge(_read_yaml(_resolve(base, path.parent, preset_dir), preset_dir), data)
     return data
 
 
-def _resolve(name_or_path: str, relative_to: Path | None = None) -> Path:
+def _resolve(name_or_path: str, relative_to: Path | None = None, preset_dir: Path = PRESET_DIR) -> Path:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         if not p.is_absolute() and relative_to is not None and (relative_to / p).exists():
@@ -246,18 +252,47 @@ def _resolve(name_or_path: str, relative_to: Path | None = None) -> Path:
         if not p.exists():
             raise ConfigError(f"config file not found: {p}")
         return p
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    preset = preset_dir / f"{name_or_path}.yaml"
     if not preset.exists():
-        raise ConfigError(f"unknown preset '{name_or_path}' (presets: {', '.join(preset_names())})")
+        raise ConfigError(f"unknown preset '{name_or_path}' (presets: {', '.join(preset_names(preset_dir))})")
     return preset
 
 
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults <- preset (a name under ``configs/`` or a YAML path) <- ``key=value`` overrides."""
-    data: dict = _read_yaml(_resolve(preset)) if preset else {}
+def load_config(
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    cls: type = Config,
+    preset_dir: Path = PRESET_DIR,
+    base: dict | None = None,
+) -> Any:
+    """Defaults <- ``base`` <- preset (a name under ``preset_dir`` or a YAML path) <- ``key=value``
+    overrides, as dataclass ``cls`` (the pre-training ``Config`` by default; the downstream
+    commands pass their own config class and preset folder)."""
+    data: dict = dict(base or {})
+    if preset:
+        data = _merge(data, _read_yaml(_resolve(preset, None, preset_dir), preset_dir))
     for text in overrides:
         data = _merge(data, parse_override(text))
-    return from_dict(Config, data)
+    return from_dict(cls, data)
+
+
+def explicit_keys(
+    preset: str | None, overrides: list[str] | tuple[str, ...] = (), preset_dir: Path = PRESET_DIR
+) -> set:
+    """Dotted keys a preset and overrides set explicitly (e.g. ``{"data.dataset", "optim.lr"}``)."""
+    data: dict = _read_yaml(_resolve(preset, None, preset_dir), preset_dir) if preset else {}
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+
+    def walk(d: dict, prefix: str) -> set:
+        keys = set()
+        for k, v in d.items():
+            keys.add(prefix + str(k))
+            if isinstance(v, dict):
+                keys |= walk(v, f"{prefix}{k}.")
+        return keys
+
+    return walk(data, "")
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

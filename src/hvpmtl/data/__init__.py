@@ -4,8 +4,9 @@ Public entry points:
 
 * ``build_dataset(cfg_data, img_size, split="train")`` -> a data set with ``.classes`` whose
   items are dicts with at least ``image`` (uint8 ``3 x H x W``) and ``labels`` (float multi-hot
-  ``C``); ``cfg_data.dataset`` picks ``synthetic``, ``manifest``, ``imagefolder`` or
-  ``fmnist-mosaic``. Splits: ``train``, ``val``, ``test``.
+  ``C``); ``cfg_data.dataset`` picks ``synthetic``, ``manifest``, ``imagefolder``,
+  ``fmnist-mosaic`` or ``fmnist`` (single items, for downstream evaluation). Splits: ``train``,
+  ``val``, ``test``.
 * ``build_view_transform(cfg)`` and ``build_eval_transform(cfg)`` take the root
   ``hvpmtl.config.Config`` (they read ``cfg.backbone.img_size``, ``cfg.tasks.mim`` and
   ``cfg.data``).
@@ -14,9 +15,10 @@ Public entry points:
 
 Where each split comes from: generated sets (synthetic, fmnist-mosaic) use ``data.train_size``
 / ``data.val_size`` images from disjoint streams of ``data.seed``, with ``data.label_noise``
-applied to the train split only; ``manifest`` reads ``data.manifest`` (train) or
-``data.val_manifest``; ``imagefolder`` reads ``root/<split>`` when that folder exists, else
-``root`` itself for train (and fails for val/test).
+applied to the train split only; ``fmnist`` takes the first ``data.train_size`` (train) or
+``data.val_size`` (val, test: the official test items) items, 0 meaning all; ``manifest``
+reads ``data.manifest`` (train) or ``data.val_manifest``; ``imagefolder`` reads
+``root/<split>`` when that folder exists, else ``root`` itself for train (and fails for val/test).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.utils.data import Dataset
 
 from hvpmtl.data.config import DATASETS, DataConfig
 from hvpmtl.data.fmnist import DEFAULT_ROOT as FMNIST_ROOT
-from hvpmtl.data.fmnist import FashionMNISTMosaic
+from hvpmtl.data.fmnist import FashionMNISTItems, FashionMNISTMosaic
 from hvpmtl.data.manifest import ImageFiles, ImageFolderImages, ManifestImages, read_class_names, read_image
 from hvpmtl.data.masking import MaskGenerator, upsample_mask
 from hvpmtl.data.synthetic import SyntheticScenes, noisy_labels
@@ -36,6 +38,7 @@ from hvpmtl.data.views import (
     EvalImages,
     EvalTransform,
     PretrainViews,
+    SeededItems,
     TwoViewTransform,
     collate_pretrain,
     view_seed,
@@ -46,12 +49,14 @@ __all__ = [
     "DataConfig",
     "EvalImages",
     "EvalTransform",
+    "FashionMNISTItems",
     "FashionMNISTMosaic",
     "ImageFiles",
     "ImageFolderImages",
     "ManifestImages",
     "MaskGenerator",
     "PretrainViews",
+    "SeededItems",
     "SyntheticScenes",
     "TwoViewTransform",
     "build_dataset",
@@ -119,15 +124,18 @@ def build_dataset(cfg_data: DataConfig, img_size: int, split: str = "train") -> 
     noise = cfg.label_noise if split == "train" else 0.0
     if cfg.dataset == "synthetic":
         ds: Any = SyntheticScenes(size, img_size, cfg.seed, SPLITS[split], noise)
-    elif cfg.dataset == "fmnist-mosaic":
+    elif cfg.dataset in ("fmnist-mosaic", "fmnist"):
         root = cfg.root or FMNIST_ROOT
         if not Path(root).is_dir():
             raise FileNotFoundError(
-                f"data.root: folder not found: {root} (fmnist-mosaic needs the Fashion-MNIST IDX files; "
+                f"data.root: folder not found: {root} ({cfg.dataset} needs the Fashion-MNIST IDX files; "
                 "on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
             )
         try:
-            ds = FashionMNISTMosaic(root, split, size, img_size, cfg.seed, SPLITS[split], noise)
+            if cfg.dataset == "fmnist":
+                ds = FashionMNISTItems(root, split, size, img_size)
+            else:
+                ds = FashionMNISTMosaic(root, split, size, img_size, cfg.seed, SPLITS[split], noise)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data.root: {err}") from err
     elif cfg.dataset == "manifest":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic")
+DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic", "fmnist")
 BAD_IMAGE_POLICIES = ("error", "skip")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,7 +20,7 @@ class DataConfig:
     tags true), RandAugment m9 n2 as in SimMIM's fine-tuning, timm's colour jitter 0.4.
     """
 
-    dataset: str = "synthetic"  # synthetic | manifest | imagefolder | fmnist-mosaic
+    dataset: str = "synthetic"  # synthetic | manifest | imagefolder | fmnist-mosaic | fmnist (single items)
     root: str = ""  # images' root folder (manifest, imagefolder) or IDX folder (fmnist-mosaic)
     manifest: str = ""  # train manifest (.csv or .jsonl); relative image paths are under root
     val_manifest: str = ""  # manifest of the val/test split
@@ -72,8 +72,9 @@ class DataConfig:
         check(len(set(self.classes)) == len(self.classes), "classes", "names must be unique")
         check(self.num_classes is None or self.num_classes > 0, "num_classes", "must be positive")
         check(self.seed >= 0, "seed", "must be >= 0")
-        check(self.train_size > 0, "train_size", "must be positive")
-        check(self.val_size > 0, "val_size", "must be positive")
+        sizes_ok = (lambda n: n >= 0) if self.dataset == "fmnist" else (lambda n: n > 0)  # fmnist: 0 = all
+        check(sizes_ok(self.train_size), "train_size", "must be positive (fmnist: >= 0, 0 = all)")
+        check(sizes_ok(self.val_size), "val_size", "must be positive (fmnist: >= 0, 0 = all)")
         check(0.0 <= self.label_noise < 1.0, "label_noise", "must be in [0, 1)")
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")

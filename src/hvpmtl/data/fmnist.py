@@ -145,3 +145,37 @@ class FashionMNISTMosaic(Dataset):
     def annotations(self, index: int) -> dict:
         """``boxes``, ``masks`` and ``box_labels`` of mosaic ``index``."""
         return {k: v for k, v in self[index].items() if k in ("boxes", "masks", "box_labels")}
+
+
+class FashionMNISTItems(Dataset):
+    """Single Fashion-MNIST items, one tag each (the standard 10-way classification task).
+
+    The first ``size`` items of the split's IDX files (all of them when ``size`` is larger),
+    resized to ``img_size`` and repeated to 3 channels. ``train`` reads the 60,000 training
+    items; ``val`` and ``test`` both read the 10,000 test items. Items are dicts: ``image``
+    uint8 ``3 x H x W``, ``labels`` float one-hot ``10``, ``target`` (the class index), ``index``.
+    """
+
+    classes = list(CLASSES)
+
+    def __init__(self, root: str | Path = DEFAULT_ROOT, split: str = "train", size: int = 0, img_size: int = 28):
+        self.images, self.targets = load_fashion_mnist(root, split)
+        self.size = len(self.images) if size <= 0 else min(size, len(self.images))
+        self.img_size = img_size
+        self.num_classes = len(CLASSES)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} items")
+        grey = torch.from_numpy(self.images[index].copy()).float()[None, None]
+        S = self.img_size
+        if grey.shape[-1] != S:
+            grey = F.interpolate(grey, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+        image = grey.round().clamp(0, 255).to(torch.uint8)[0].expand(3, S, S).contiguous()
+        target = int(self.targets[index])
+        labels = torch.zeros(self.num_classes)
+        labels[target] = 1
+        return {"image": image, "labels": labels, "target": target, "index": index}

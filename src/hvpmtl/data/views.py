@@ -9,7 +9,8 @@ produce the same batches, and the caller's RNG state is left as it was.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -158,3 +159,32 @@ class EvalImages(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         sample = self.base[index]
         return self.transform(sample["image"]), sample["labels"].float()
+
+
+class SeededItems(Dataset):
+    """``transform(base[index])`` drawn under a seed of ``(seed, epoch, index)`` (torch and Python
+    RNGs, so torchvision and timm augmentations alike), for the downstream training loops.
+
+    Keys are ``index`` (epoch 0) or ``(index, epoch)`` as the training sampler yields; the
+    caller's RNG states are left as they were.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable[[dict], object], seed: int = 0):
+        self.base, self.transform, self.seed = base, transform, seed
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = _parse_key(key)
+        sample = self.base[index]
+        s = view_seed(self.seed, epoch, index)
+        py_state = random.getstate()
+        try:
+            random.seed(s)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                return self.transform(sample)
+        finally:
+            random.setstate(py_state)

@@ -65,7 +65,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a GradScaler)
     compile: bool = False  # torch.compile the backbone(s)
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # downstream commands: empty = a folder beside the evaluated run
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between host syncs: progress bar, metrics.csv, TensorBoard
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
@@ -87,7 +87,6 @@ class TrainConfig:
         check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
         check(self.keep_ckpts >= 0, "keep_ckpts", "must be >= 0")
         check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
-        check(bool(self.output_dir), "output_dir", "must not be empty")
 
 
 @dataclass

@@ -135,13 +135,20 @@ class GlobalBatchNorm(_BatchNorm):
 
 
 def convert_global_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm*d`` by :class:`GlobalBatchNorm`, keeping weights and buffers."""
+    """Replace every ``nn.BatchNorm*d`` by :class:`GlobalBatchNorm` that shares its parameters and
+    buffers (so optimiser groups built before the conversion still point at the trained tensors)."""
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         m = module
         new = GlobalBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
-        new.load_state_dict(module.state_dict())
-        new.train(module.training)
-        new.to(next(iter(module.state_dict().values())).device)
+        if m.affine:
+            new.weight, new.bias = m.weight, m.bias
+        if m.track_running_stats:
+            new.running_mean, new.running_var, new.num_batches_tracked = (
+                m.running_mean,
+                m.running_var,
+                m.num_batches_tracked,
+            )
+        new.train(m.training)
         return new
     for name, child in module.named_children():
         setattr(module, name, convert_global_batchnorm(child))

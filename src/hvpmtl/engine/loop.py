@@ -83,6 +83,8 @@ class Trainer:
         cfg = copy.deepcopy(cfg)
         t = cfg.train
         self.cfg, self.env = cfg, env
+        if not t.output_dir:
+            raise ValueError("train.output_dir: must not be empty")
         self.run_dir = Path(t.output_dir)
         if t.precision == "fp16" and env.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
@@ -132,6 +134,18 @@ class Trainer:
         self.keys = tuple(f"loss_{k}" for k in self.tasks) + (("swav_collapse",) if "swav" in self.tasks else ())
         self.sum_keys = self.inner.summed_losses
 
+        self.monitor = None  # off for runs shorter than one monitoring period: it would never run
+        if 0 < cfg.eval.knn_every <= self.total_steps:
+            from hvpmtl.eval.monitor import KNNMonitor
+
+            try:
+                self.monitor = KNNMonitor(cfg, env)
+            except (ValueError, FileNotFoundError) as err:  # e.g. a manifest without data.val_manifest
+                if env.is_main:
+                    print(f"warning: eval.knn_every={cfg.eval.knn_every}: k-NN monitor off ({err})")
+        self.monitored: dict[int, dict] = {}  # step -> k-NN results, logged with that step's row
+        self.log_keys = ("loss", *self.keys, *(self.monitor.keys if self.monitor else ()))
+
         self.step, self.skipped, self.bad_streak = 0, 0, 0
         if ckpt_path is not None:
             self._resume(ckpt_path)
@@ -140,7 +154,7 @@ class Trainer:
             save_config(cfg, self.run_dir / "config.yaml")
         barrier(env)
         self.logger = MetricsLogger(
-            self.run_dir, ("loss", *self.keys), self.total_steps, self.step, cfg.data.batch_size,
+            self.run_dir, self.log_keys, self.total_steps, self.step, cfg.data.batch_size,
             enabled=env.is_main, progress=t.progress,
         )  # fmt: skip
 
@@ -270,6 +284,7 @@ class Trainer:
         rows = []
         for (step, _, _, skipped), v, n in zip(pending, vals, norms):
             row = dict(zip(self.keys, v))
+            row.update(self.monitored.pop(step, {}))
             row["loss"] = sum(self.inner.weights[k] * row[f"loss_{k}"] for k in self.tasks)
             row.update(step=step, epoch=round(step / spe, 4), lr=float(self.lr[step - 1]),
                        wd=float(self.wd[step - 1]), grad_norm=n, img_per_s=rate, skipped_steps=skipped)  # fmt: skip
@@ -313,6 +328,9 @@ class Trainer:
                         self.bad_streak = 0
                     pending.append((self.step, values, norm, self.skipped))
                     done = self.step >= self.total_steps
+                    every = self.cfg.eval.knn_every
+                    if self.monitor is not None and (self.step % every == 0 or done):
+                        self.monitored[self.step] = self.monitor(self.inner, sharded=not self.fsdp)
                     if self.step % t.log_every == 0 or done or self.step % t.ckpt_every == 0:
                         self._flush(pending)
                     if self.step % t.ckpt_every == 0 or done:
@@ -333,7 +351,7 @@ class Trainer:
         result = RunResult(self.run_dir, self.step, self.skipped, seconds, images / max(seconds, 1e-9),
                            checkpoint=last_ckpt, backbone=paths.get("backbone"))  # fmt: skip
         if self.env.is_main:
-            result.losses = summarize(read_metrics(self.run_dir / "metrics.csv"), ("loss", *self.keys))["losses"]
+            result.losses = summarize(read_metrics(self.run_dir / "metrics.csv"), self.log_keys)["losses"]
             print(format_summary({"losses": result.losses}, self.step, self.skipped, seconds, result.images_per_s))
             print(f"run folder: {self.run_dir}")
         return result

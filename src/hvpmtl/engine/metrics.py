@@ -46,6 +46,7 @@ class MetricsLogger:
         global_batch: int,
         enabled: bool = True,
         progress: bool = True,
+        desc: str = "pretrain",
     ):
         self.enabled = enabled
         self.columns = (*FIXED, *loss_keys, *TAIL)
@@ -53,7 +54,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path = Path(run_dir) / "metrics.csv"
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step > 0 else []
+        kept = [r for r in read_metrics(self.path) if r.get("step", math.inf) <= start_step] if start_step > 0 else []
         with open(self.path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(self.columns)
@@ -72,7 +73,7 @@ class MetricsLogger:
             dynamic_ncols=True,
             disable=not progress,
             file=sys.stderr,
-            desc="pretrain",
+            desc=desc,
         )
         self.global_batch = global_batch
 
@@ -87,7 +88,7 @@ class MetricsLogger:
                     self.tb.add_scalar(f"train/{k}", r[k], int(r["step"]))
         self.file.flush()
         last = rows[-1]
-        post = {k.removeprefix("loss_"): f"{last[k]:.4g}" for k in self.loss_keys}
+        post = {k.removeprefix("loss_"): f"{last[k]:.4g}" for k in self.loss_keys if k in last}
         self.bar.set_postfix(post | {"skipped": int(last["skipped_steps"])}, refresh=False)
         self.bar.update(len(rows) * self.global_batch)
 

@@ -1,95 +1,113 @@
-"""Multi-label linear probe: a linear layer on frozen backbone features, scored by mAP.
+"""Linear probe: a linear classifier on frozen, standardised features.
 
-Features of a frozen backbone (its pooled output, or the mean of its last feature map) are
-extracted once for train and val images, standardised with the train statistics, and a linear
-layer is trained on them with binary cross-entropy (full batch, AdamW). The score is the macro
-mean average precision over classes on the val images (torchmetrics' ``MultilabelAveragePrecision``),
-the usual multi-label metric (Query2Label, ASL).
+Logistic regression: cross-entropy (single-label) or binary cross-entropy (multi-label) plus an
+L2 penalty ``wd / 2 ||W||^2``, minimised full-batch by L-BFGS with a strong-Wolfe line search
+(``probe.optimizer=lbfgs``, the default: the line search sets the step, so only the penalty is
+swept) or by AdamW with a cosine learning rate (``adamw``: learning rate x weight decay swept).
+Each setting is scored on a seeded held-out fraction of the **train** split; the best is
+refitted on the whole train split and scored once on the evaluation split, which never takes
+part in the choice.
+
+>>> result = probe(train_x, train_y, test_x, test_y, ProbeConfig())   # {"top1": .., "lr": .., ...}
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+
+from hvpmtl.eval.config import ProbeConfig
+from hvpmtl.eval.metrics import is_single_label, mean_average_precision, multilabel_metrics, topk_accuracy
+
+__all__ = ["fit_linear", "mean_average_precision", "probe", "standardize"]
 
 
-@dataclass
-class ProbeResult:
-    """Val mAP (macro, in %) and train mAP of the fitted probe."""
-
-    val_map: float
-    train_map: float
-    feature_dim: int
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module, dataset: Dataset, feature: str = "pooled", batch_size: int = 128, num_workers: int = 0,
-    device: str | torch.device = "cpu",
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(N x d features, N x C labels)`` for a data set of ``(image, labels)`` pairs.
-
-    ``feature``: ``pooled`` (the backbone's own pooling, e.g. ViT's class token) or ``mean``
-    (average of the last-stage feature map), or ``both`` (concatenated).
-    """
-    if feature not in ("pooled", "mean", "both"):
-        raise ValueError(f"feature: expected 'pooled', 'mean' or 'both', got '{feature}'")
-    was_training = backbone.training
-    backbone.eval().to(device)
-    feats, labels = [], []
-    for images, y in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-        fmap, pooled = backbone(images.to(device), None)
-        mean = fmap.float().mean(dim=(2, 3))
-        f = {"pooled": pooled.float(), "mean": mean, "both": torch.cat([pooled.float(), mean], 1)}[feature]
-        feats.append(f.cpu())
-        labels.append(y.float())
-    backbone.train(was_training)
-    return torch.cat(feats), torch.cat(labels)
-
-
-def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Macro mAP in % over the classes that have at least one positive."""
-    from torchmetrics.classification import MultilabelAveragePrecision
-
-    keep = labels.sum(0) > 0
-    metric = MultilabelAveragePrecision(num_labels=int(keep.sum()), average="macro")
-    return 100.0 * float(metric(scores[:, keep].float(), labels[:, keep].long()))
+def standardize(fit: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Zero mean, unit variance per feature with ``fit``'s statistics, applied to all."""
+    mu, sd = fit.mean(0), fit.std(0).clamp(min=1e-6)
+    return [(x - mu) / sd for x in (fit, *others)]
 
 
 def fit_linear(
-    x: torch.Tensor, y: torch.Tensor, epochs: int = 300, lr: float = 1e-2, weight_decay: float = 1e-4, seed: int = 0
-) -> nn.Linear:
-    """Full-batch AdamW on BCE-with-logits; ``x`` should be standardised."""
-    gen = torch.Generator().manual_seed(seed)
-    layer = nn.Linear(x.shape[1], y.shape[1])
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) * 0.01)
-        layer.bias.zero_()
+    x: torch.Tensor, y: torch.Tensor, single_label: bool, epochs: int = 100, lr: float = 1.0,
+    weight_decay: float = 1e-4, optimizer: str = "lbfgs",
+) -> nn.Linear:  # fmt: skip
+    """A linear layer minimising CE (targets = the argmax of ``y``) or BCE-with-logits plus
+    ``weight_decay / 2 ||W||^2``, from zero weights (the problem is convex, so the fit is
+    deterministic): ``epochs`` L-BFGS iterations, or ``epochs`` full-batch AdamW steps at ``lr``
+    cosine-decayed to 0 (then ``weight_decay`` is AdamW's decoupled decay). ``x`` should be
+    standardised."""
+    layer = nn.Linear(x.shape[1], y.shape[1]).to(x.device)
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    target = y.argmax(1) if single_label else y
+
+    def data_loss() -> torch.Tensor:
+        logits = layer(x)
+        return F.cross_entropy(logits, target) if single_label else F.binary_cross_entropy_with_logits(logits, target)
+
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=epochs, history_size=20,
+                                line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9)  # fmt: skip
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            loss = data_loss() + 0.5 * weight_decay * layer.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return layer
     opt = torch.optim.AdamW(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(epochs):
+    for i in range(epochs):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * i / epochs))
         opt.zero_grad(set_to_none=True)
-        F.binary_cross_entropy_with_logits(layer(x), y).backward()
+        data_loss().backward()
         opt.step()
     return layer
 
 
-def linear_probe(
-    backbone: nn.Module, train: Dataset, val: Dataset, feature: str = "pooled", epochs: int = 300,
-    lr: float = 1e-2, weight_decay: float = 1e-4, device: str | torch.device = "cpu",
-) -> ProbeResult:  # fmt: skip
-    """Fit a linear multi-label classifier on frozen features of ``train``; mAP on ``val``."""
-    xtr, ytr = extract_features(backbone, train, feature, device=device)
-    xva, yva = extract_features(backbone, val, feature, device=device)
-    mu, sd = xtr.mean(0), xtr.std(0).clamp(min=1e-6)
-    xtr, xva = (xtr - mu) / sd, (xva - mu) / sd
-    layer = fit_linear(xtr, ytr, epochs, lr, weight_decay)
+def _score(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, single_label: bool) -> float:
     with torch.no_grad():
-        return ProbeResult(
-            val_map=mean_average_precision(layer(xva), yva),
-            train_map=mean_average_precision(layer(xtr), ytr),
-            feature_dim=xtr.shape[1],
-        )
+        logits = layer(x)
+    return topk_accuracy(logits, y, (1,))["top1"] if single_label else mean_average_precision(logits, y)
+
+
+def probe(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+    cfg: ProbeConfig | None = None, seed: int = 0,
+) -> dict:  # fmt: skip
+    """Sweep on a held-out part of train, refit on all of train, score on test (module docstring).
+
+    Returns the test metrics in % (``top1``/``top5``, or ``mAP`` and CP..OF1 on sigmoid
+    scores) plus ``lr`` (1 for L-BFGS), ``weight_decay`` and ``holdout_score`` of the chosen
+    setting. ``seed`` picks the held-out part.
+    """
+    cfg = cfg or ProbeConfig()
+    single = is_single_label(train_y, test_y)
+    n = train_x.shape[0]
+    n_hold = max(1, int(round(cfg.holdout * n)))
+    if n - n_hold < 2:
+        raise ValueError(f"linear probe: {n} train images are too few for a held-out part (probe.holdout)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    hold, fit = perm[:n_hold], perm[n_hold:]
+    xf, xh = standardize(train_x[fit], train_x[hold])
+    best = None
+    for lr in cfg.lrs if cfg.optimizer == "adamw" else [1.0]:
+        for wd in cfg.weight_decays:
+            layer = fit_linear(xf, train_y[fit], single, cfg.epochs, lr, wd, cfg.optimizer)
+            score = _score(layer, xh, train_y[hold], single)
+            if best is None or score > best[0]:
+                best = (score, lr, wd)
+    score, lr, wd = best
+    xtr, xte = standardize(train_x, test_x)
+    layer = fit_linear(xtr, train_y, single, cfg.epochs, lr, wd, cfg.optimizer)
+    with torch.no_grad():
+        logits = layer(xte)
+    metrics = topk_accuracy(logits, test_y) if single else multilabel_metrics(logits.sigmoid(), test_y)
+    return {**metrics, "train_score": _score(layer, xtr, train_y, single), "lr": lr, "weight_decay": wd,
+            "holdout_score": score}  # fmt: skip

@@ -1,0 +1,77 @@
+"""Command line: ``hvpmtl COMMAND`` (also ``python -m hvpmtl``).
+
+Pre-training: ``pretrain``, ``demo``, ``presets``, ``config``. Downstream evaluation of any run,
+checkpoint or backbone file: ``knn``, ``linprobe``, ``finetune``, ``detect``, ``segment``,
+``mlc-head``. Data: ``data export``. Configs are a preset name or a YAML path plus dotted
+``key=value`` overrides; a bad key, value, file or checkpoint stops the command at once with
+``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hvpmtl.cli.pretrain import DEFAULT_PRESET, cmd_config, cmd_demo, cmd_presets, cmd_pretrain
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hvpmtl.cli import data, downstream
+
+    parser = argparse.ArgumentParser(
+        prog="hvpmtl",
+        description="HVP-MTL pre-training (multi-label classification + SwAV + SimMIM + momentum distillation) "
+        "and its downstream evaluation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    over = {"nargs": "*", "metavar": "key=value", "help": "dotted config overrides, e.g. optim.lr=2e-4"}
+
+    p = sub.add_parser("pretrain", help="pre-train (alone, or under torchrun for DDP/FSDP)")
+    p.add_argument("--config", "-c", help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
+    p.add_argument("--resume", help="checkpoint to continue from (or train.resume=auto)")
+    p.add_argument("overrides", **over)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("demo", help="pre-train cpu-tiny on synthetic data and report linear-probe mAP")
+    p.add_argument("--output-dir", help="run folder (default: runs/demo-<time>)")
+    p.add_argument("overrides", **over)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("presets", help="list the config presets of every command")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("config", help="print the resolved pre-training config of a preset plus overrides")
+    p.add_argument("--config", "-c", help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
+    p.add_argument("overrides", **over)
+    p.set_defaults(func=cmd_config)
+
+    downstream.add_parsers(sub)
+    data.add_parsers(sub, over)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hvpmtl.config import ConfigError
+    from hvpmtl.engine.loop import NonFiniteLossError, SimulatedCrash
+    from hvpmtl.eval.weights import WeightsError
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # "SOURCE -c PRESET key=value": argparse stops collecting positionals at the option
+        if not hasattr(args, "args") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args = [*args.args, *extra]
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, WeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (NonFiniteLossError, SimulatedCrash, FloatingPointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""What a downstream command evaluates: backbone weights from a run, a checkpoint or a file.
+
+Every downstream command takes one ``SOURCE``:
+
+* a run folder: its ``backbone.safetensors`` (student) or ``model.safetensors`` (``--teacher``),
+  or, for a run that has not finished, its latest checkpoint;
+* a checkpoint ``checkpoints/step_*.pt`` (loaded with ``weights_only=True``);
+* a ``backbone.safetensors`` (timm keys; its backbone config is stored in the file) or a
+  ``model.safetensors`` (student and teacher);
+* nothing, with ``--random-init`` and ``--config PRESET``: the backbone a pre-training preset
+  starts from.
+
+``--random-init`` with a source gives the very weights that run started from (same config, same
+``train.seed``): the baseline every results table needs. Weights that do not fit the backbone
+(missing or unexpected keys, other shapes) stop the command with the names of what differs.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hvpmtl.backbones import BackboneConfig, MaskedBackbone, build_backbone
+
+STUDENT, TEACHER = "backbone.model.", "teacher.backbone.model."
+
+
+class WeightsError(ValueError):
+    """The source cannot be read as backbone weights, or they do not fit the backbone."""
+
+
+@dataclass
+class Weights:
+    """Backbone weights (timm keys) and the config of the backbone they belong to.
+
+    Attributes:
+        backbone: the timm backbone config.
+        state: timm-keyed tensors; ``None`` for a random initialisation.
+        label: how results name these weights (e.g. ``"cpu-tiny student step 300"``).
+        run_dir: the run folder the weights come from (results are written under it).
+        pretrain: the run's resolved pre-training config as a dict, when known.
+        seed: ``train.seed`` of the run (the random initialisation's seed).
+    """
+
+    backbone: BackboneConfig
+    state: dict[str, torch.Tensor] | None
+    label: str
+    run_dir: Path | None = None
+    pretrain: dict | None = None
+    seed: int = 0
+
+
+def _backbone_cfg(d: dict) -> BackboneConfig:
+    from hvpmtl.config import from_dict
+
+    return from_dict(BackboneConfig, d, "backbone")
+
+
+def _prefixed(state: dict, prefix: str, where: str) -> dict[str, torch.Tensor]:
+    out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+    if not out:
+        kind = "teacher (was momentum distillation on?)" if prefix == TEACHER else "student backbone"
+        raise WeightsError(f"{where}: holds no {kind} weights (no keys starting with '{prefix}')")
+    return out
+
+
+def _from_checkpoint(path: Path, teacher: bool) -> tuple[dict, dict, str]:
+    from hvpmtl.engine.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except Exception as err:  # torch.load fails in many ways on a truncated or foreign file
+        if isinstance(err, pickle.UnpicklingError):
+            why = "not a weights-only PyTorch file"
+        elif isinstance(err, ValueError):
+            why = str(err).splitlines()[0]
+        else:
+            why = f"truncated or not a checkpoint ({type(err).__name__})"
+        raise WeightsError(f"{path}: cannot read this checkpoint: {why}") from None
+    state = _prefixed(ckpt["model"], TEACHER if teacher else STUDENT, str(path))
+    return state, ckpt.get("config", {}), f"step {ckpt.get('step', '?')}"
+
+
+def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
+    if meta.get("format") == "hvpmtl":  # model.safetensors: student and teacher
+        config = json.loads(meta.get("config", "{}"))
+        return (
+            _prefixed(state, TEACHER if teacher else STUDENT, str(path)),
+            config,
+            f"step {meta.get('iteration', '?')}",
+        )
+    if teacher:
+        raise WeightsError(f"{path}: holds one backbone, not a teacher; pass the run's model.safetensors for --teacher")
+    if "backbone_config" in meta:
+        return state, {"backbone": json.loads(meta["backbone_config"])}, ""
+    raise WeightsError(
+        f"{path}: no backbone config in its metadata (not written by hvpmtl); give the backbone with "
+        "--config PRESET (pre-training preset) and this file as a timm state dict is not supported yet"
+    )
+
+
+def _in_run(run: Path, teacher: bool) -> Path:
+    from hvpmtl.engine.checkpoint import find_latest
+
+    final = run / ("model.safetensors" if teacher else "backbone.safetensors")
+    if final.is_file():
+        return final
+    latest = find_latest(run)
+    if latest is None:
+        raise WeightsError(
+            f"{run}: no {final.name} and no checkpoint in {run / 'checkpoints'}: not an hvpmtl run folder"
+        )
+    return latest
+
+
+def resolve_weights(
+    source: str | Path | None,
+    teacher: bool = False,
+    random_init: bool = False,
+    pretrain_preset: str | None = None,
+) -> Weights:
+    """The :class:`Weights` that ``SOURCE`` (and the flags, as in the module docstring) names."""
+    if source is None or str(source) == "":
+        if not random_init:
+            raise WeightsError(
+                "give a run folder, a checkpoint or a .safetensors file (or --random-init --config PRESET)"
+            )
+        from hvpmtl.config import load_config, to_dict
+
+        cfg = load_config(pretrain_preset or "cpu-tiny")
+        name = pretrain_preset or "cpu-tiny"
+        return Weights(cfg.backbone, None, f"random init ({name})", None, to_dict(cfg), cfg.train.seed)
+    path = Path(source)
+    if not path.exists():
+        raise WeightsError(f"{path}: no such run folder or weights file")
+    run_dir = path if path.is_dir() else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    if path.is_dir():
+        path = _in_run(path, teacher)
+    if path.suffix == ".pt":
+        state, config, when = _from_checkpoint(path, teacher)
+    elif path.suffix == ".safetensors":
+        state, config, when = _from_safetensors(path, teacher)
+    else:
+        raise WeightsError(f"{path}: expected a run folder, a .pt checkpoint or a .safetensors file")
+    if "backbone" not in config:
+        raise WeightsError(f"{path}: no backbone config stored with the weights")
+    seed = int(config.get("train", {}).get("seed", 0))
+    if random_init:
+        return Weights(_backbone_cfg(config["backbone"]), None, f"random init ({run_dir.name})", run_dir, config, seed)
+    who = "teacher" if teacher else "student"
+    label = " ".join(x for x in (run_dir.name, who, when) if x)
+    return Weights(_backbone_cfg(config["backbone"]), state, label, run_dir, config or None, seed)
+
+
+def _fit_pos_embed(state: dict, model: nn.Module) -> dict:
+    """Resample a ViT's absolute position embedding to the model's grid (other image sizes)."""
+    pos = state.get("pos_embed")
+    target = getattr(model, "pos_embed", None)
+    if pos is None or target is None or pos.shape == target.shape:
+        return state
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+    grid = model.patch_embed.grid_size
+    state = dict(state)
+    state["pos_embed"] = resample_abs_pos_embed(pos, list(grid), num_prefix_tokens=prefix)
+    return state
+
+
+def load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], where: str, allow_missing: tuple[str, ...] = ()
+) -> None:
+    """Load timm-keyed ``state`` into the timm ``model``; mismatches raise :class:`WeightsError`
+    naming them. Keys starting with one of ``allow_missing`` (a new head) may be missing."""
+    state = _fit_pos_embed(state, model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        found = (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes))
+        parts = [f"{name}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}" for name, items in found if items]
+        raise WeightsError(f"{where}: the weights do not fit this backbone ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=False)
+
+
+def build_masked_backbone(weights: Weights, **overrides) -> MaskedBackbone:
+    """The pre-training adapter (feature map + pooled feature) with ``weights`` loaded;
+    ``overrides`` change backbone config fields (e.g. ``img_size``, ``drop_path_rate``).
+    A random initialisation is seeded with the run's ``train.seed``, as pre-training was."""
+    cfg = replace(weights.backbone, **overrides)
+    if weights.state is None:
+        torch.manual_seed(weights.seed)  # HVPMTL builds the backbone first: the same weights
+        return build_backbone(cfg)
+    backbone = build_backbone(cfg)
+    load_into(backbone.model, weights.state, weights.label)
+    return backbone

@@ -1,0 +1,77 @@
+"""eval/weights.py: what SOURCE names, random init = the run's start, clear errors on misfits."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hvpmtl
+from hvpmtl.eval.weights import WeightsError, build_masked_backbone, resolve_weights
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_folder_checkpoint_and_files_give_the_same_student(tiny_run):
+    folder = resolve_weights(tiny_run)
+    assert _same(folder.state, load_file(str(tiny_run / "backbone.safetensors")))
+    ckpt = resolve_weights(tiny_run / "checkpoints" / "step_00000004.pt")
+    assert _same(ckpt.state, folder.state) and "step 4" in ckpt.label and ckpt.run_dir == tiny_run
+    model_file = resolve_weights(tiny_run / "model.safetensors")
+    assert _same(model_file.state, folder.state)
+    earlier = resolve_weights(tiny_run / "checkpoints" / "step_00000002.pt")
+    assert not _same(earlier.state, folder.state)
+    assert folder.backbone.img_size == 32 and folder.backbone.kwargs["depth"] == 2
+
+
+def test_teacher_is_the_ema_not_the_student(tiny_run):
+    teacher = resolve_weights(tiny_run, teacher=True)
+    student = resolve_weights(tiny_run)
+    assert teacher.state.keys() == student.state.keys() and not _same(teacher.state, student.state)
+    assert "teacher" in teacher.label
+    with pytest.raises(WeightsError, match="not a teacher"):
+        resolve_weights(tiny_run / "backbone.safetensors", teacher=True)
+
+
+def test_random_init_is_the_weights_the_run_started_from(tiny_run):
+    weights = resolve_weights(tiny_run, random_init=True)
+    assert weights.state is None and weights.label.startswith("random init")
+    cfg = hvpmtl.load_config(str(tiny_run / "config.yaml"))
+    torch.manual_seed(cfg.train.seed)
+    start = hvpmtl.build(cfg, cfg.data.num_classes).backbone.model.state_dict()
+    assert _same(build_masked_backbone(weights).model.state_dict(), start)
+    no_source = resolve_weights(None, random_init=True, pretrain_preset="cpu-swin-tiny")
+    assert "swin" in no_source.backbone.name
+
+
+def test_misfits_are_named(tiny_run, tmp_path):
+    weights = resolve_weights(tiny_run)
+    deeper = replace(weights, backbone=replace(weights.backbone, kwargs={**weights.backbone.kwargs, "depth": 3}))
+    with pytest.raises(WeightsError, match=r"missing: blocks\.2\."):
+        build_masked_backbone(deeper)
+    wider = replace(weights, backbone=replace(weights.backbone, kwargs={**weights.backbone.kwargs, "embed_dim": 64}))
+    with pytest.raises(WeightsError, match="other shapes"):
+        build_masked_backbone(wider)
+    junk = tmp_path / "step_00000009.pt"
+    junk.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(WeightsError, match="cannot read this checkpoint"):
+        resolve_weights(junk)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(WeightsError, match="not an hvpmtl run folder"):
+        resolve_weights(tmp_path / "empty")
+    with pytest.raises(WeightsError, match="no such run folder"):
+        resolve_weights(tmp_path / "missing")
+    with pytest.raises(WeightsError, match="--random-init"):
+        resolve_weights(None)
+
+
+def test_vit_position_embedding_is_resampled_for_another_size(tiny_run):
+    weights = resolve_weights(tiny_run)
+    big = build_masked_backbone(weights, img_size=64)
+    assert big.model.pos_embed.shape[1] == 1 + 8 * 8
+    fmap, _ = big(torch.randn(1, 3, 64, 64))
+    assert fmap.shape[-2:] == (8, 8)
