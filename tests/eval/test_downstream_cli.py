@@ -47,6 +47,26 @@ def test_monitor_equals_the_knn_command_on_the_same_checkpoint(tiny_run, capsys)
         assert record["metrics"]["mAP"] == pytest.approx(rows[2][key], abs=1e-3)
 
 
+def test_monitor_columns_follow_the_run(tmp_path):
+    """No teacher column without a teacher (MD off); no k-NN columns in a run shorter than knn_every."""
+    import hvpmtl
+    from hvpmtl.engine.loop import pretrain
+
+    from .conftest import TINY_RUN
+
+    no_md = tmp_path / "no-md"
+    pretrain(hvpmtl.load_config(None, [*TINY_RUN, "train.max_steps=2", "tasks.distill.weight=0",
+                                       f"train.output_dir={no_md}"]))  # fmt: skip
+    rows = read_metrics(no_md / "metrics.csv")
+    assert "knn_mAP" in rows[-1] and rows[-1]["knn_mAP"] == rows[-1]["knn_mAP"]  # monitored at step 2
+    assert not any(k.startswith("knn_teacher") for k in rows[-1])
+    short = tmp_path / "short"
+    pretrain(
+        hvpmtl.load_config(None, [*TINY_RUN, "train.max_steps=2", "eval.knn_every=3", f"train.output_dir={short}"])
+    )
+    assert not any(k.startswith("knn") for k in read_metrics(short / "metrics.csv")[-1])
+
+
 @needs_fmnist
 def test_knn_and_linprobe_beat_chance_on_fashion_mnist(tiny_run, capsys):
     data = ["-c", "fmnist", "data.train_size=1000", "data.val_size=300", "run.progress=false"]
@@ -54,7 +74,7 @@ def test_knn_and_linprobe_beat_chance_on_fashion_mnist(tiny_run, capsys):
     assert run(capsys, "linprobe", str(tiny_run), *data, "probe.epochs=50")[0] == 0
     assert run(capsys, "linprobe", "--random-init", str(tiny_run), *data, "probe.epochs=50")[0] == 0
     ev = tiny_run / "eval"
-    for name in ("knn-fmnist-student-mean", "linprobe-fmnist-student-mean", "linprobe-fmnist-random-init-mean"):
+    for name in ("knn-fmnist-student-mean", "linprobe-fmnist-student-both", "linprobe-fmnist-random-init-both"):
         record = json.loads((ev / f"{name}.json").read_text())
         assert set(record["metrics"]) == {"top1", "top5"}
         assert record["metrics"]["top1"] > 30, name  # chance: 10 %

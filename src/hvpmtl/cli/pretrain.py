@@ -97,7 +97,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("\nlinear probes on frozen features (multi-label; mAP on held-out val images) ...", flush=True)
     env = DistEnv()
     rows = []
-    for feature, label in (("mean", "mean of feature map"), ("pooled", "pooled (class token)")):
+    features = (("both", "both (the probe's default)"), ("mean", "mean of feature map"), ("pooled", "class token"))
+    for feature, label in features:
         probe_cfg = load_config(None, [f"probe.feature={feature}", "run.progress=false", f"run.precision={precision}",
                                        *(f"{k}={v}" for k, v in DEMO_PROBE.items())], cls=FeatureEvalConfig,
                                 base={"data": {"dataset": cfg.data.dataset, "seed": cfg.data.seed}})  # fmt: skip

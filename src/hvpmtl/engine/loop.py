@@ -139,7 +139,7 @@ class Trainer:
             from hvpmtl.eval.monitor import KNNMonitor
 
             try:
-                self.monitor = KNNMonitor(cfg, env)
+                self.monitor = KNNMonitor(cfg, env, teacher=self.inner.teacher is not None)
             except (ValueError, FileNotFoundError) as err:  # e.g. a manifest without data.val_manifest
                 if env.is_main:
                     print(f"warning: eval.knn_every={cfg.eval.knn_every}: k-NN monitor off ({err})")

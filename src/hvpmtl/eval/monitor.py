@@ -20,7 +20,7 @@ from hvpmtl.eval.knn import knn_evaluate
 class KNNMonitor:
     """Callable on the unwrapped ``HVPMTL``; returns ``{"knn_<metric>": .., "knn_teacher_<metric>": ..}``."""
 
-    def __init__(self, cfg, env: DistEnv):
+    def __init__(self, cfg, env: DistEnv, teacher: bool = True):
         from hvpmtl.data import build_dataset
         from hvpmtl.eval.finetune import is_multi_label
         from hvpmtl.eval.frozen import eval_images
@@ -32,7 +32,7 @@ class KNNMonitor:
         self.precision = "bf16" if cfg.train.precision == "bf16" else "fp32"
         multi = is_multi_label(build_dataset(cfg.data, size, "train"))
         self.metrics = ("mAP",) if multi else ("top1", "top5")
-        self.keys = tuple(f"knn_{who}{k}" for who in ("", "teacher_") for k in self.metrics)
+        self.keys = tuple(f"knn_{who}{k}" for who in ("", "teacher_")[: 1 + teacher] for k in self.metrics)
 
     @torch.no_grad()
     def __call__(self, model, sharded: bool = True) -> dict[str, float]:
