@@ -28,6 +28,31 @@ def test_run_folder_checkpoint_and_files_give_the_same_student(tiny_run):
     assert folder.backbone.img_size == 32 and folder.backbone.kwargs["depth"] == 2
 
 
+def test_backbone_file_in_a_run_folder_brings_the_runs_config(tiny_run, tmp_path):
+    """backbone.safetensors stores only the backbone config: data source and train.seed (hence the
+    random init) come from the run's config.yaml beside it; outside a run folder there is none."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "backbone.safetensors", run)
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    config["data"]["dataset"], config["train"]["seed"] = "fmnist-mosaic", 5
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    for source in (run, run / "backbone.safetensors"):
+        w = resolve_weights(source)
+        assert w.pretrain["data"]["dataset"] == "fmnist-mosaic" and w.seed == 5
+        assert w.backbone == resolve_weights(tiny_run).backbone
+    seeded = build_masked_backbone(resolve_weights(run, random_init=True)).state_dict()
+    default = build_masked_backbone(resolve_weights(tiny_run, random_init=True)).state_dict()
+    assert not _same(seeded, default)  # seed 5, not the default 0
+    (run / "config.yaml").unlink()
+    alone = resolve_weights(run / "backbone.safetensors")
+    assert alone.seed == 0 and "data" not in (alone.pretrain or {})
+
+
 def test_teacher_is_the_ema_not_the_student(tiny_run):
     teacher = resolve_weights(tiny_run, teacher=True)
     student = resolve_weights(tiny_run)

@@ -2,7 +2,7 @@
 
 Pre-training: ``pretrain``, ``demo``, ``presets``, ``config``. Downstream evaluation of any run,
 checkpoint or backbone file: ``knn``, ``linprobe``, ``finetune``, ``detect``, ``segment``,
-``mlc-head``. Data: ``data export``. Configs are a preset name or a YAML path plus dotted
+``mlc-head``. Data: ``data export``. Ablations: ``ablate``. Configs are a preset name or a YAML path plus dotted
 ``key=value`` overrides; a bad key, value, file or checkpoint stops the command at once with
 ``error: ...`` on stderr and exit status 2.
 """
@@ -18,7 +18,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hvpmtl.cli import data, downstream
+    from hvpmtl.cli import ablate, data, downstream
 
     parser = argparse.ArgumentParser(
         prog="hvpmtl",
@@ -49,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     downstream.add_parsers(sub)
     data.add_parsers(sub, over)
+    ablate.add_parsers(sub, over)
     return parser
 
 

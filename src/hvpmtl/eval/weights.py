@@ -158,12 +158,29 @@ def resolve_weights(
         raise WeightsError(f"{path}: expected a run folder, a .pt checkpoint or a .safetensors file")
     if "backbone" not in config:
         raise WeightsError(f"{path}: no backbone config stored with the weights")
+    if "train" not in config:  # a backbone file stores only its backbone: the run's config.yaml has the rest
+        config = {**_run_config(run_dir), "backbone": config["backbone"]}
     seed = int(config.get("train", {}).get("seed", 0))
     if random_init:
         return Weights(_backbone_cfg(config["backbone"]), None, f"random init ({run_dir.name})", run_dir, config, seed)
     who = "teacher" if teacher else "student"
     label = " ".join(x for x in (run_dir.name, who, when) if x)
     return Weights(_backbone_cfg(config["backbone"]), state, label, run_dir, config or None, seed)
+
+
+def _run_config(run_dir: Path) -> dict:
+    """``run_dir/config.yaml`` (the run's resolved pre-training config: data, ``train.seed``), or
+    ``{}`` when the weights file stands outside a run folder."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise WeightsError(f"{path}: not a readable config ({err})") from None
+    return config if isinstance(config, dict) else {}
 
 
 def _fit_pos_embed(state: dict, model: nn.Module) -> dict:

@@ -1,0 +1,183 @@
+"""``hvpmtl ablate``: which objectives earn their place (the paper's Table 5, plus each alone).
+
+One preset is pre-trained under every task mix on the same data, budget and seeds; each
+backbone, and the random initialisation the runs started from, is then scored by the frozen-
+feature evaluations of :mod:`hvpmtl.eval.frozen` (``hvpmtl linprobe`` / ``hvpmtl knn``), and a
+table of mean ± std over seeds is written. Every cell is an ordinary run folder
+``<out>/<mix>-s<seed>`` and every step an ordinary ``hvpmtl`` command, so an interrupted
+ablation continues where it stopped and any cell can be re-run by hand.
+
+Momentum distillation is not offered alone: it distils the MLC head's label similarities, and
+without MLC (or a pre-trained head) it has no label signal to distil.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TASKS = ("mlc", "swav", "mim", "distill")
+MIXES = {  # name -> the tasks switched off (weight 0, not built)
+    "full": (),
+    "no-mlc": ("mlc",),
+    "no-swav": ("swav",),  # the paper's "w/o CL"
+    "no-mim": ("mim",),
+    "no-md": ("distill",),
+    "mlc": ("swav", "mim", "distill"),
+    "swav": ("mlc", "mim", "distill"),
+    "mim": ("mlc", "swav", "distill"),
+}
+LABELS = {
+    "full": "all four (HVP-MTL)", "no-mlc": "without MLC", "no-swav": "without SwAV (CL)",
+    "no-mim": "without MIM", "no-md": "without MD", "mlc": "MLC only", "swav": "SwAV only",
+    "mim": "MIM only", "random": "random init",
+}  # fmt: skip
+SMOKE = ["train.max_steps=3", "train.ckpt_every=3", "data.batch_size=16", "data.train_size=48",
+         "data.val_size=24", "eval.knn_every=0"]  # fmt: skip
+
+
+@dataclass
+class Evaluation:
+    """One table column: a frozen-feature command and its arguments; its metric is ``mAP`` on
+    multi-label data and ``top1`` on single-label data."""
+
+    name: str
+    command: str  # knn | linprobe
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        return self.name.lower().replace(" ", "-")
+
+
+def evaluations(dataset: str, images: tuple[int, int], items: tuple[int, int] | None) -> list[Evaluation]:
+    """The columns: a linear probe on the pre-training data's own held-out images (``dataset``,
+    its tags), then, with ``items``, k-NN and a linear probe on single Fashion-MNIST items."""
+    out = [Evaluation(f"probe {dataset}", "linprobe", [f"train_images={images[0]}", f"eval_images={images[1]}"])]
+    if items:
+        sizes = ["-c", "fmnist", f"train_images={items[0]}", f"eval_images={items[1]}"]
+        out += [Evaluation("k-NN fmnist items", "knn", sizes), Evaluation("probe fmnist items", "linprobe", sizes)]
+    return out
+
+
+def mix_overrides(mix: str) -> list[str]:
+    """``tasks.<t>.weight=0`` for each task ``mix`` switches off."""
+    if mix not in MIXES:
+        from hvpmtl.config import ConfigError
+
+        raise ConfigError(f"unknown task mix {mix!r}; choose from {', '.join(MIXES)}")
+    return [f"tasks.{t}.weight=0" for t in MIXES[mix]]
+
+
+@dataclass
+class Ablation:
+    """The plan: ``mixes`` x ``seeds`` pre-trainings of ``preset`` + ``overrides`` under ``out``."""
+
+    out: Path
+    preset: str | None
+    overrides: list[str]
+    mixes: list[str]
+    seeds: list[int]
+    evals: list[Evaluation]
+    launcher: str = ""  # e.g. "torchrun --nproc_per_node=8"; empty = in this process
+
+    def cell(self, mix: str, seed: int) -> Path:
+        return self.out / f"{mix}-s{seed}"
+
+    def pretrain_args(self, mix: str, seed: int) -> list[str]:
+        return ["pretrain", *(["-c", self.preset] if self.preset else []), *self.overrides, *mix_overrides(mix),
+                f"train.seed={seed}", f"train.output_dir={self.cell(mix, seed)}", "train.resume=auto"]  # fmt: skip
+
+    def eval_args(self, ev: Evaluation, mix: str, seed: int) -> list[str]:
+        """``mix == "random"``: the first mix's run with ``--random-init`` (every mix of one seed
+        starts from the same backbone weights)."""
+        source = self.cell(self.mixes[0] if mix == "random" else mix, seed)
+        flags = ["--random-init"] if mix == "random" else []
+        return [ev.command, str(source), *flags, *ev.args, f"run.output_dir={self.result_dir(ev, mix, seed)}"]
+
+    def result_dir(self, ev: Evaluation, mix: str, seed: int) -> Path:
+        if mix == "random":
+            return self.cell(self.mixes[0], seed) / "ablate" / f"{ev.slug}-random-init"
+        return self.cell(mix, seed) / "ablate" / ev.slug
+
+    def result(self, ev: Evaluation, mix: str, seed: int) -> float | None:
+        files = sorted(self.result_dir(ev, mix, seed).glob("*.json"))
+        if not files:
+            return None
+        metrics = json.loads(files[-1].read_text())["metrics"]
+        return float(metrics["mAP"] if "mAP" in metrics else metrics["top1"])
+
+    def rows(self) -> list[str]:
+        return [*self.mixes, "random"]
+
+    def run(self, log=print) -> None:
+        """Every missing pre-training, then every missing evaluation; finished steps are skipped."""
+        for seed in self.seeds:
+            for mix in self.mixes:
+                if not (self.cell(mix, seed) / "backbone.safetensors").is_file():
+                    self._call(self.pretrain_args(mix, seed), log)
+        for seed in self.seeds:
+            for mix in self.rows():
+                for ev in self.evals:
+                    if self.result(ev, mix, seed) is None:
+                        self._call(self.eval_args(ev, mix, seed), log)
+        table = self.table()
+        (self.out / "ablation.md").write_text(table + "\n")
+        (self.out / "ablation.json").write_text(json.dumps(self.values(), indent=1) + "\n")
+        log(table)
+
+    def _call(self, argv: list[str], log) -> None:
+        log("$ hvpmtl " + " ".join(shlex.quote(a) for a in argv))
+        if self.launcher:
+            rc = subprocess.run([*shlex.split(self.launcher), "-m", "hvpmtl", *argv]).returncode
+        else:
+            from hvpmtl.cli import main
+
+            rc = main(argv)
+        if rc:
+            raise RuntimeError(f"ablate: this step failed (exit {rc}); fix it and run the same command again "
+                               f"(finished steps are kept): hvpmtl {' '.join(argv)}")  # fmt: skip
+
+    def values(self) -> dict[str, dict[str, list[float]]]:
+        """``{row: {column: [value per seed that has one]}}``."""
+        out = {}
+        for mix in self.rows():
+            out[mix] = {}
+            for ev in self.evals:
+                vals = [self.result(ev, mix, s) for s in self.seeds]
+                out[mix][ev.name] = [v for v in vals if v is not None]
+        return out
+
+    def table(self) -> str:
+        """Markdown: one row per mix, mean ± sample std over seeds; the best mean per column bold."""
+        values = self.values()
+        best = {ev.name: max((mean_std(v[ev.name])[0] for v in values.values() if v[ev.name]), default=None)
+                for ev in self.evals}  # fmt: skip
+        head = "| pre-training | " + " | ".join(ev.name for ev in self.evals) + " |"
+        lines = [head, "|---|" + "---:|" * len(self.evals)]
+        for mix, cols in values.items():
+            cells = []
+            for ev in self.evals:
+                v = cols[ev.name]
+                if not v:
+                    cells.append("—")
+                    continue
+                m, s = mean_std(v)
+                text = f"{m:.1f}" + (f" ± {s:.1f}" if len(v) > 1 else "")
+                cells.append(f"**{text}**" if m == best[ev.name] else text)
+            lines.append(f"| {LABELS.get(mix, mix)} | " + " | ".join(cells) + " |")
+        seeds = ", ".join(map(str, self.seeds))
+        lines.append(f"\n{len(self.seeds)} seed(s) ({seeds}); mean ± sample std. Metric: mAP on multi-label "
+                     "data, top-1 on single-label data (%).")  # fmt: skip
+        return "\n".join(lines)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))

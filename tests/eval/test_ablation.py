@@ -1,0 +1,90 @@
+"""hvpmtl ablate: task mixes, cells that resume, the table of mean ± std over seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import yaml
+
+from hvpmtl.cli import main
+from hvpmtl.eval.ablation import MIXES, Ablation, Evaluation, mean_std, mix_overrides
+
+from .conftest import TINY_RUN
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_mixes_switch_off_the_right_tasks():
+    assert mix_overrides("full") == []
+    assert mix_overrides("no-swav") == ["tasks.swav.weight=0"]
+    assert sorted(mix_overrides("mim")) == ["tasks.distill.weight=0", "tasks.mlc.weight=0", "tasks.swav.weight=0"]
+    assert {m for m in MIXES if len(MIXES[m]) == 1} == {"no-mlc", "no-swav", "no-mim", "no-md"}  # Table 5
+
+
+def test_table_is_mean_and_sample_std_with_the_best_in_bold(tmp_path):
+    assert mean_std([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+    plan = Ablation(tmp_path, "cpu-tiny", [], ["full", "mim"], [0, 1], [Evaluation("probe", "linprobe")])
+    values = {("full", 0): 50.0, ("full", 1): 54.0, ("mim", 0): 40.0, ("random", 0): 30.0, ("random", 1): 32.0}
+    for (mix, seed), v in values.items():
+        d = plan.result_dir(plan.evals[0], mix, seed)
+        d.mkdir(parents=True)
+        (d / "r.json").write_text(json.dumps({"metrics": {"top1": v, "top5": 99.0}}))
+    lines = plan.table().splitlines()
+    assert lines[2] == "| all four (HVP-MTL) | **52.0 ± 2.8** |"
+    assert lines[3] == "| MIM only | 40.0 |"  # one seed of two finished: no std
+    assert lines[4] == "| random init | 31.0 ± 1.4 |"
+
+
+def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["ablate", "--smoke", "--out", str(out), "--mixes", "full,mim", "--seeds", "0,1", "--no-items", *TINY_RUN]
+    rc, stdout, err = run(capsys, *args)
+    assert rc == 0, err
+    assert stdout.count("$ hvpmtl pretrain") == 4 and stdout.count("$ hvpmtl linprobe") == 6
+    for seed in (0, 1):
+        tasks = yaml.safe_load((out / f"mim-s{seed}" / "config.yaml").read_text())["tasks"]
+        assert [tasks[t]["weight"] for t in ("mlc", "swav", "mim", "distill")] == [0, 0, 1.0, 0]
+        assert yaml.safe_load((out / f"full-s{seed}" / "config.yaml").read_text())["train"]["seed"] == seed
+    values = json.loads((out / "ablation.json").read_text())
+    assert set(values) == {"full", "mim", "random"}
+    column = "probe synthetic"
+    assert all(len(v[column]) == 2 for v in values.values())
+    assert values["random"][column][0] != values["random"][column][1]  # each seed starts from its own weights
+    table = (out / "ablation.md").read_text()
+    assert "| all four (HVP-MTL) |" in table and "| random init |" in table and " ± " in table
+
+    rc, stdout, err = run(capsys, *args)  # everything is there: nothing runs again
+    assert rc == 0, err
+    assert "$ hvpmtl" not in stdout and "| MIM only |" in stdout
+
+
+def test_ablate_runs_each_step_through_a_launcher(tmp_path, capsys):
+    out = tmp_path / "abl"
+    args = ["ablate", "--smoke", "--out", str(out), "--mixes", "mim", "--seeds", "3", "--no-items",
+            "--launcher", sys.executable, *TINY_RUN]  # fmt: skip
+    rc, stdout, err = run(capsys, *args)
+    assert rc == 0, err
+    assert (out / "mim-s3" / "backbone.safetensors").is_file()
+    assert len(json.loads((out / "ablation.json").read_text())["mim"]["probe synthetic"]) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--mixes", "full,nope"], "unknown task mix 'nope'"),
+        (["--seeds", "0,x"], "--seeds 0,x"),
+        (["tasks.mim.wieght=0"], "tasks.mim.wieght"),
+    ],
+)
+def test_ablate_stops_on_bad_input_before_running_anything(tmp_path, capsys, extra, message):
+    out = tmp_path / "abl"
+    rc, _, err = run(capsys, "ablate", "--smoke", "--out", str(out), "--no-items", *extra)
+    assert rc == 2 and message in err
+    assert not out.exists()
