@@ -7,6 +7,7 @@ global batch, BatchNorm over the global batch, MLC's image-summed loss) must agr
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -22,7 +23,9 @@ from hvpmtl.engine.metrics import read_metrics
 from .conftest import TINY, free_port, torchrun
 
 LOSSES = ("loss", "loss_mlc", "loss_swav", "loss_mim", "loss_distill", "grad_norm")
-COMMON = [*TINY, "tasks.mlc.dropout=0", "train.log_every=1", "data.num_workers=0"]
+# gradient shares measured every 2 steps: their extra backward passes must not change training
+COMMON = [*TINY, "tasks.mlc.dropout=0", "train.log_every=1", "data.num_workers=0", "train.grad_share_every=2"]
+SHARES = [f"grad_share_{t}" for t in ("mlc", "swav", "mim", "distill")]
 
 
 def _bn_worker(rank: int, port: int, x: torch.Tensor, result: dict) -> None:
@@ -97,6 +100,9 @@ def _compare(single, multi) -> None:
     for x, y in zip(a, b):
         for k in LOSSES:
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    for rows in (a, b):  # DDP: each process's share on its half batch, averaged; FSDP: not measured
+        measured = [r for r in rows if r.get(SHARES[0], math.nan) == r.get(SHARES[0], math.nan)]
+        assert all(r["step"] % 2 == 0 and sum(r[k] for k in SHARES) == pytest.approx(1.0, abs=1e-5) for r in measured)
     wa, wb = load_file(single / "model.safetensors"), load_file(multi / "model.safetensors")
     assert wa.keys() == wb.keys()
     diffs = torch.cat([(wa[k].float() - wb[k].float()).abs().flatten() for k in wa])
@@ -114,6 +120,7 @@ def test_two_processes_match_one(strategy, accum, tmp_path_factory, tmp_path):
     args = [*COMMON, "train.max_steps=4", f"train.accum_steps={accum}", f"train.output_dir={out}"]
     r = torchrun(2, ["pretrain", *args, f"dist.strategy={strategy}"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert (SHARES[0] in read_metrics(out / "metrics.csv")[0]) == (strategy == "ddp")
     assert r.stdout.count("throughput") == 1  # rank 0 prints the summary, once
     _compare(_single(tmp_path_factory, accum), out)
 

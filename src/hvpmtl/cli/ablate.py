@@ -20,7 +20,7 @@ def add_parsers(sub, over: dict) -> None:
     p.add_argument("--out", default="runs/ablate", help="folder of the cells and of ablation.md (default runs/ablate)")
     p.add_argument("--mixes", default=",".join(MIXES), metavar="MIX,MIX",
                    help=f"comma-separated task mixes (default: all of {','.join(MIXES)})")  # fmt: skip
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (default 0,1,2)")
+    p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default 0,1,2; --smoke: 0)")
     p.add_argument("--images", nargs=2, type=int, default=[5000, 2000], metavar=("TRAIN", "EVAL"),
                    help="images of the pre-training data for its linear probe (default 5000 2000)")  # fmt: skip
     p.add_argument("--items", nargs=2, type=int, default=None, metavar=("TRAIN", "EVAL"),
@@ -43,6 +43,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     preset = args.config or DEFAULT_PRESET
     mixes = list(dict.fromkeys(m.strip() for m in args.mixes.split(",") if m.strip()))
     try:
+        args.seeds = args.seeds or ("0" if args.smoke else "0,1,2")
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         raise ConfigError(f"--seeds {args.seeds}: give comma-separated integers") from err

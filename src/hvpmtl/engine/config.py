@@ -68,6 +68,9 @@ class TrainConfig:
     output_dir: str = "runs/default"  # downstream commands: empty = a folder beside the evaluated run
     device: str = "auto"  # auto | cpu | cuda
     log_every: int = 10  # steps between host syncs: progress bar, metrics.csv, TensorBoard
+    # steps between measurements of each objective's share of the backbone gradient (grad_share_*
+    # in metrics.csv; one extra backward per objective on those steps, not under FSDP); 0 = off
+    grad_share_every: int = 100
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 2  # step checkpoints kept in <output_dir>/checkpoints (0 keeps all)
     resume: str = ""  # "" | auto (latest checkpoint in output_dir) | path to a checkpoint
@@ -84,6 +87,7 @@ class TrainConfig:
         check(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
         check(self.device in DEVICES, "device", f"choose one of {', '.join(DEVICES)}")
         check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.grad_share_every >= 0, "grad_share_every", "must be >= 0 (0: off)")
         check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
         check(self.keep_ckpts >= 0, "keep_ckpts", "must be >= 0")
         check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")

@@ -143,8 +143,13 @@ class Trainer:
             except (ValueError, FileNotFoundError) as err:  # e.g. a manifest without data.val_manifest
                 if env.is_main:
                     print(f"warning: eval.knn_every={cfg.eval.knn_every}: k-NN monitor off ({err})")
-        self.monitored: dict[int, dict] = {}  # step -> k-NN results, logged with that step's row
-        self.log_keys = ("loss", *self.keys, *(self.monitor.keys if self.monitor else ()))
+        self.monitored: dict[int, dict] = {}  # step -> k-NN results and gradient shares, logged with its row
+        every = cfg.train.grad_share_every
+        self.share_every = every if 0 < every <= self.total_steps and len(self.tasks) > 1 and not self.fsdp else 0
+        if 0 < every <= self.total_steps and len(self.tasks) > 1 and self.fsdp and env.is_main:
+            print("warning: train.grad_share_every: gradient shares are not measured under FSDP")
+        self.share_keys = tuple(f"grad_share_{t}" for t in self.tasks) if self.share_every else ()
+        self.log_keys = ("loss", *self.keys, *self.share_keys, *(self.monitor.keys if self.monitor else ()))
 
         self.step, self.skipped, self.bad_streak = 0, 0, 0
         if ckpt_path is not None:
@@ -214,6 +219,25 @@ class Trainer:
             loss = loss + (shards - 1) * self.inner.weights[key.removeprefix("loss_")] * out[key]
         return loss / self.cfg.train.accum_steps
 
+    def _grad_shares(self, out: dict) -> dict[str, float]:
+        """Each objective's share of the student backbone's gradient: ``||g_t|| / sum_j ||g_j||``
+        with ``g_t`` the gradient of its term of :meth:`_objective` (weight and rescaling
+        included) w.r.t. the backbone parameters, on this process's first micro-batch, averaged
+        over processes. ``autograd.grad`` leaves ``.grad`` and the DDP reducer untouched."""
+        params = [p for p in self.inner.backbone.parameters() if p.requires_grad]
+        shards = self.env.world_size * self.cfg.train.accum_steps
+        norms = []
+        for t in self.tasks:
+            key = f"loss_{t}"
+            term = self.inner.weights[t] * out[key] * (shards if key in self.sum_keys else 1)
+            term = self.scaler.scale(term) if self.scaler is not None else term
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            sq = [g.float().pow(2).sum() for g in grads if g is not None]
+            norms.append(torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=self.env.device))
+        norms = torch.stack(norms).detach()
+        shares = all_reduce_sum(norms / norms.sum().clamp_min(1e-30), self.env) / self.env.world_size
+        return dict(zip(self.share_keys, shares.tolist()))
+
     def _micro_factors(self) -> torch.Tensor:
         a = self.cfg.train.accum_steps
         return torch.tensor([1.0 if k in self.sum_keys else 1.0 / a for k in self.keys], device=self.env.device)
@@ -236,6 +260,8 @@ class Trainer:
                     if 0 <= t.nan_at_step <= self.step:
                         out = {k: v * math.nan if k.startswith("loss") else v for k, v in out.items()}
                     loss = self._objective(out)
+                if a == 0 and self.share_every and (self.step + 1) % self.share_every == 0:
+                    self.monitored.setdefault(self.step + 1, {}).update(self._grad_shares(out))
                 (self.scaler.scale(loss) if self.scaler else loss).backward()  # outside autocast
             values += torch.stack([out[k].detach().float() for k in self.keys]) * factors
             bad += (~torch.isfinite(loss.detach())).float()
@@ -330,7 +356,7 @@ class Trainer:
                     done = self.step >= self.total_steps
                     every = self.cfg.eval.knn_every
                     if self.monitor is not None and (self.step % every == 0 or done):
-                        self.monitored[self.step] = self.monitor(self.inner, sharded=not self.fsdp)
+                        self.monitored.setdefault(self.step, {}).update(self.monitor(self.inner, sharded=not self.fsdp))
                     if self.step % t.log_every == 0 or done or self.step % t.ckpt_every == 0:
                         self._flush(pending)
                     if self.step % t.ckpt_every == 0 or done:
