@@ -17,7 +17,9 @@ class DataConfig:
     The paper names the augmentations (random resized crop, colour jitter, random rotation,
     RandAugment) but not their strengths; the defaults below follow the methods it cites:
     crop scale (0.67, 1) and ratio (3/4, 4/3) from SimMIM (large crops keep most of an image's
-    tags true), RandAugment m9 n2 as in SimMIM's fine-tuning, timm's colour jitter 0.4.
+    tags true), RandAugment n2 m9, timm's colour jitter 0.4. Note: m9 here is on torchvision's
+    31-bin scale, i.e. 30 % of each op's maximum (9 degrees of rotation); SimMIM's timm policy
+    ``rand-m9-mstd0.5-inc1`` is 90 % (27 degrees). docs/method.md lists this gap.
     """
 
     dataset: str = "synthetic"  # synthetic | manifest | imagefolder | fmnist-mosaic | fmnist (single items)
@@ -53,7 +55,7 @@ class DataConfig:
     rotation: float = 10.0  # degrees, uniform in [-r, r]; 0 = off
     rand_augment: bool = True
     rand_augment_ops: int = 2
-    rand_augment_magnitude: int = 9  # 0..30 (torchvision's 31 bins)
+    rand_augment_magnitude: int = 9  # 0..30 on torchvision's 31 bins (9: 30 % of each op's maximum)
     eval_crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre-crop
 
     def validate(self, prefix: str = "") -> None:
