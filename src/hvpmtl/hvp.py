@@ -167,7 +167,9 @@ class HVPMTL(nn.Module):
                     raise ValueError("batch['labels'] (B x C multi-hot) is required when tasks.mlc is on")
                 c = self.tasks_cfg.mlc
                 gp, gn = c.gammas
-                losses["mlc"] = weighted_asymmetric_loss(logits, labels, c.eta, gp, gn, c.clip, c.reduction)
+                losses["mlc"] = weighted_asymmetric_loss(
+                    logits, labels, c.eta, gp, gn, c.clip, c.reduction, c.detach_focusing
+                )
             if "distill" in self.weights:
                 losses["distill"] = self._distill(views, mask, h, memory)
 

@@ -89,3 +89,27 @@ def test_decoder_queries_do_not_attend_to_each_other_by_default():
     assert not torch.allclose(logits[:, 3], logits2[:, 3])
     with_self = Query2LabelDecoder(24, 4, MLCConfig(dim=16, num_heads=2, ffn_dim=32, num_layers=1, self_attn=True))
     assert with_self.layers[0].self_attn is not None and dec.layers[0].self_attn is None
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_focusing_weights_gradient_as_written_or_detached(detach):
+    """d/dx of one positive and one negative term, by hand (p = sigmoid(x), d log p/dx = 1 - p):
+    positive -eta (1-p)^g log p: detached -eta (1-p)^(g+1); as written + eta g p (1-p)^g log p;
+    negative -p^g log(1-p): detached p^(g+1); as written - g p^g (1-p) log(1-p)."""
+    eta, gp, gn = 10.0, 4.0, 1.0
+    x = torch.tensor([[0.3, -0.7]], requires_grad=True)
+    weighted_asymmetric_loss(x, torch.tensor([[1.0, 0.0]]), eta, gp, gn, detach_focusing=detach).backward()
+    p = torch.sigmoid(x.detach())[0]
+    pos = -eta * (1 - p[0]) ** (gp + 1)
+    neg = p[1] ** (gn + 1)
+    if not detach:
+        pos = pos + eta * gp * p[0] * (1 - p[0]) ** gp * torch.log(p[0])
+        neg = neg - gn * p[1] ** gn * (1 - p[1]) * torch.log(1 - p[1])
+    assert x.grad[0].tolist() == pytest.approx([pos.item(), neg.item()], rel=1e-5)
+
+
+def test_detaching_keeps_the_loss_value():
+    x = torch.randn(3, 5)
+    y = (torch.rand(3, 5) > 0.5).float()
+    a = weighted_asymmetric_loss(x, y, detach_focusing=True)
+    assert a.item() == pytest.approx(weighted_asymmetric_loss(x, y).item(), rel=1e-6)
