@@ -9,7 +9,7 @@ logistic regression is the reference for the frozen-feature rows. Every step is 
 command (printed before it runs), so any cell can be re-run by hand; finished steps are skipped
 when the script is run again.
 
-    python benchmarks/downstream.py                      # everything (~1-1.5 h on 2 CPU cores)
+    python benchmarks/downstream.py                      # everything (~2 h on 2 CPU cores)
     python benchmarks/downstream.py --only knn linprobe  # some commands (or: features, the probe-feature table)
     python benchmarks/downstream.py --table              # just print the table from the JSON files
     python benchmarks/downstream.py --root runs/results-2k \
