@@ -33,6 +33,7 @@ from hvpmtl.engine.distributed import (
     unwrap,
     wrap_model,
 )
+from hvpmtl.engine.grad_share import grad_shares
 from hvpmtl.engine.metrics import MetricsLogger, format_summary, read_metrics, summarize
 from hvpmtl.engine.optim import build_optimizer
 from hvpmtl.engine.sampler import GlobalBatchSampler
@@ -220,23 +221,13 @@ class Trainer:
         return loss / self.cfg.train.accum_steps
 
     def _grad_shares(self, out: dict) -> dict[str, float]:
-        """Each objective's share of the student backbone's gradient: ``||g_t|| / sum_j ||g_j||``
-        with ``g_t`` the gradient of its term of :meth:`_objective` (weight and rescaling
-        included) w.r.t. the backbone parameters, on this process's first micro-batch, averaged
-        over processes. ``autograd.grad`` leaves ``.grad`` and the DDP reducer untouched."""
-        params = [p for p in self.inner.backbone.parameters() if p.requires_grad]
+        """:func:`grad_shares` of each task's term of :meth:`_objective`, on this micro-batch."""
         shards = self.env.world_size * self.cfg.train.accum_steps
-        norms = []
-        for t in self.tasks:
-            key = f"loss_{t}"
-            term = self.inner.weights[t] * out[key] * (shards if key in self.sum_keys else 1)
-            term = self.scaler.scale(term) if self.scaler is not None else term
-            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-            sq = [g.float().pow(2).sum() for g in grads if g is not None]
-            norms.append(torch.stack(sq).sum().sqrt() if sq else torch.zeros((), device=self.env.device))
-        norms = torch.stack(norms).detach()
-        shares = all_reduce_sum(norms / norms.sum().clamp_min(1e-30), self.env) / self.env.world_size
-        return dict(zip(self.share_keys, shares.tolist()))
+        terms = {}
+        for t, key in zip(self.tasks, self.share_keys):
+            term = self.inner.weights[t] * out[f"loss_{t}"] * (shards if f"loss_{t}" in self.sum_keys else 1)
+            terms[key] = self.scaler.scale(term) if self.scaler is not None else term
+        return grad_shares(terms, [p for p in self.inner.backbone.parameters() if p.requires_grad], self.env)
 
     def _micro_factors(self) -> torch.Tensor:
         a = self.cfg.train.accum_steps
