@@ -15,8 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hvpmtl.engine.distributed import DistEnv, all_gather_object
-
-KINDS = ("mean", "pooled", "both", "pixels")
+from hvpmtl.eval.config import FEATURES as KINDS
 
 
 def backbone_features(backbone: nn.Module | None, images: torch.Tensor, kind: str) -> torch.Tensor:
