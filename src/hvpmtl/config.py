@@ -1,13 +1,16 @@
 """Typed configuration: dataclasses, YAML presets and ``key=value`` overrides.
 
 A preset holds only its differences from the dataclass defaults (which are the paper's values).
-Every key is checked against the dataclass tree: an unknown key or a value of the wrong type
-fails at once with the dotted key's name, e.g. ``optim.lr: expected float, got 'fast'``.
+Every key is checked against the dataclass tree: an unknown key, a value of the wrong type or a
+non-finite number fails at once with the dotted key's name, e.g. ``optim.lr: expected float, got
+'fast'``. The backbone is built on PyTorch's meta device while the config loads, so a timm
+argument or a patch size that cannot work is reported before anything runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -17,7 +20,7 @@ from typing import Any, Union
 
 import yaml
 
-from hvpmtl.backbones import BackboneConfig
+from hvpmtl.backbones import BackboneConfig, probe_backbone
 from hvpmtl.data.config import DataConfig
 from hvpmtl.engine.config import DistConfig, OptimConfig, TrainConfig
 from hvpmtl.eval.config import MonitorConfig
@@ -48,7 +51,7 @@ _Loader.add_implicit_resolver(
 
 
 class ConfigError(ValueError):
-    """A config key is unknown or its value has the wrong type."""
+    """A config key is unknown, its value has the wrong type, or a config file cannot be read."""
 
 
 @dataclass
@@ -89,6 +92,29 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     eval: MonitorConfig = field(default_factory=MonitorConfig)
 
+    def validate(self, prefix: str = "") -> None:
+        """Checks across blocks: the SimMIM mask units must tile the image and the token grid."""
+        img, mim = self.backbone.img_size, self.tasks.mim
+        if mim.mask_patch_size <= 0 or img % mim.mask_patch_size:
+            raise ValueError(
+                f"tasks.mim.mask_patch_size={mim.mask_patch_size}: must divide backbone.img_size={img}"
+            )
+        if not 0.0 <= mim.mask_ratio < 1.0:
+            raise ValueError(f"tasks.mim.mask_ratio={mim.mask_ratio}: must be in [0, 1)")
+        if mim.weight <= 0:
+            return
+        shape = probe_backbone(self.backbone)
+        if mim.mask_patch_size % shape.patch_size:
+            raise ValueError(
+                f"tasks.mim.mask_patch_size={mim.mask_patch_size}: must be a multiple of the backbone's "
+                f"patch size {shape.patch_size} (each mask unit covers whole patches)"
+            )
+        if img % shape.reduction:
+            raise ValueError(
+                f"backbone.img_size={img}: must be a multiple of the last stage's reduction {shape.reduction} "
+                "(the SimMIM decoder's stride) when tasks.mim is on"
+            )
+
 
 # ----------------------------------------------------------------------------------------------
 # dict <-> dataclass with type checking
@@ -98,8 +124,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Return ``value`` as type ``tp`` or raise :class:`ConfigError` naming ``key``."""
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` as type ``tp`` or raise :class:`ConfigError` naming ``key``; floats must be
+    finite (``.inf`` and ``.nan`` are refused)."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
@@ -107,12 +134,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce_value(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -129,10 +158,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [coerce_value(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         else:
             item_tp = args[0] if args else Any
-            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+            items = [coerce_value(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
         return origin(items)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -148,6 +177,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected int, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected float, got {value!r}")
     if tp is str:
@@ -173,7 +204,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         factory = fields[key].default_factory
         if isinstance(value, dict) and dataclasses.is_dataclass(hints[key]) and factory is not dataclasses.MISSING:
             value = _merge(to_dict(factory()), value)  # a block's own defaults, then the given keys
-        kwargs[key] = _coerce(value, hints[key], dotted)
+        kwargs[key] = coerce_value(value, hints[key], dotted)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
         try:
@@ -231,16 +262,30 @@ def preset_names(preset_dir: Path = PRESET_DIR) -> list[str]:
     return sorted(p.stem for p in preset_dir.glob("*.yaml"))
 
 
-def _read_yaml(path: Path, preset_dir: Path = PRESET_DIR) -> dict:
+def _read_yaml(path: Path, preset_dir: Path = PRESET_DIR, chain: tuple[Path, ...] = ()) -> dict:
+    """One YAML file merged over its ``base:`` chain; ``chain`` holds the files that include it."""
+    chain = (*chain, path)
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
+    try:
+        data = yaml.load(text, Loader=_Loader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
     base = data.pop("base", None)
     if base is not None:
-        data = _merge(_read_yaml(_resolve(base, path.parent, preset_dir), preset_dir), data)
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
+        base_path = _resolve(base, path.parent, preset_dir)
+        if base_path.resolve() in {p.resolve() for p in chain}:
+            cycle = " -> ".join(p.name for p in (*chain, base_path))
+            raise ConfigError(f"{path}: base cycle: {cycle}")
+        data = _merge(_read_yaml(base_path, preset_dir, chain), data)
     return data
 
 

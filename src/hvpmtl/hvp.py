@@ -83,7 +83,7 @@ class HVPMTL(nn.Module):
     def summed_losses(self) -> set[str]:
         """Loss keys summed (not averaged) over images: under data parallelism and gradient
         accumulation the engine rescales these so the gradient is the whole batch's."""
-        on = "mlc" in self.weights and self.tasks_cfg.mlc.reduction == "sum"
+        on = "mlc" in self.weights and self.tasks_cfg.mlc.reduction == "global_sum"
         return {"loss_mlc"} if on else set()
 
     @property
@@ -167,9 +167,9 @@ class HVPMTL(nn.Module):
                     raise ValueError("batch['labels'] (B x C multi-hot) is required when tasks.mlc is on")
                 c = self.tasks_cfg.mlc
                 gp, gn = c.gammas
-                losses["mlc"] = weighted_asymmetric_loss(
-                    logits, labels, c.eta, gp, gn, c.clip, c.reduction, c.detach_focusing
-                )
+                reduction = {"global_sum": "sum"}.get(c.reduction, c.reduction)
+                loss = weighted_asymmetric_loss(logits, labels, c.eta, gp, gn, c.clip, reduction, c.detach_focusing)
+                losses["mlc"] = loss * c.sum_images if c.reduction == "per_image" else loss
             if "distill" in self.weights:
                 losses["distill"] = self._distill(views, mask, h, memory)
 

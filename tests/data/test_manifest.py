@@ -9,7 +9,16 @@ import pytest
 import torch
 from torchvision.io import write_png
 
-from hvpmtl.data import DataConfig, ImageFolderImages, ManifestImages, build_dataset, read_image
+import hvpmtl
+from hvpmtl.data import (
+    BadImageError,
+    DataConfig,
+    ImageFolderImages,
+    ManifestImages,
+    build_dataset,
+    build_pretrain_dataset,
+    read_image,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
 
@@ -111,10 +120,10 @@ def test_malformed_lines_name_file_and_line(images: Path, tmp_path: Path, name: 
 def test_corrupt_image_error_and_skip(images: Path, tmp_path: Path):
     (images / "sub/bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
     m = _csv(tmp_path / "m.csv", ["sub/0.png,a", "sub/bad.png,b", "sub/2.png,c"])
-    with pytest.raises(RuntimeError, match=r"bad\.png \(listed at .*m\.csv:3\)"):
+    with pytest.raises(BadImageError, match=r"m\.csv:3: cannot read image .*bad\.png"):
         ManifestImages(m, images)[1]
     ds = ManifestImages(m, images, on_bad_image="skip")
-    with pytest.warns(UserWarning, match="bad.png"):
+    with pytest.warns(UserWarning, match=r"m\.csv:3: skipping unreadable image .*bad\.png"):
         s = ds[1]
     assert s["index"] == 2 and s["labels"].tolist() == [0, 0, 1]  # the next sample
     ds[1]
@@ -145,3 +154,33 @@ def test_build_manifest_from_config(images: Path, tmp_path: Path):
         build_dataset(DataConfig(dataset="manifest", manifest=str(tmp_path / "x.csv")), 32)
     with pytest.raises(ValueError, match="data.num_classes=3"):
         build_dataset(DataConfig(dataset="manifest", root=str(images), manifest=str(m), num_classes=3), 32)
+
+
+def test_byte_order_mark_is_accepted(images: Path, tmp_path: Path):
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfpath,labels\r\nsub/0.png,a\r\nsub/1.png,b\r\n")
+    assert ManifestImages(tmp_path / "excel.csv", images).classes == ["a", "b"]
+    (tmp_path / "m.jsonl").write_bytes(b'\xef\xbb\xbf{"path": "sub/0.png", "labels": ["a"]}\n')
+    assert len(ManifestImages(tmp_path / "m.jsonl", images)) == 1
+
+
+@pytest.mark.parametrize("name", ["m.csv", "m.jsonl"])
+def test_non_utf8_bytes_name_file_and_line(images: Path, tmp_path: Path, name: str):
+    rows = ["path,labels", "sub/0.png,a", "sub/caf\xe9.png,b"] if name == "m.csv" else [
+        '{"path": "sub/0.png", "labels": ["a"]}', '{"path": "sub/caf\xe9.png", "labels": ["b"]}'
+    ]  # fmt: skip
+    (tmp_path / name).write_bytes("\n".join(rows).encode("latin-1"))
+    line = len(rows)
+    with pytest.raises(ValueError, match=rf"{name}:{line}: not UTF-8 text \(byte 0xe9 at column \d+\)"):
+        ManifestImages(tmp_path / name, images)
+    cfg = hvpmtl.load_config(None, ["data.dataset=manifest", f"data.manifest={tmp_path / name}", f"data.root={images}"])
+    with pytest.raises(ValueError, match=rf"{name}:{line}: not UTF-8"):
+        build_pretrain_dataset(cfg)
+
+
+def test_manifest_without_tags_says_so(images: Path, tmp_path: Path):
+    m = _csv(tmp_path / "m.csv", ["sub/0.png,", "sub/1.png,"])
+    base = ["data.dataset=manifest", f"data.manifest={m}", f"data.root={images}"]
+    with pytest.raises(ValueError, match=r"m\.csv: no tags: the 'labels' column is empty on all 2 lines, and tasks"):
+        build_pretrain_dataset(hvpmtl.load_config(None, base))
+    untagged = hvpmtl.load_config(None, [*base, "tasks.mlc.weight=0", "tasks.distill.weight=0"])
+    assert len(build_pretrain_dataset(untagged)) == 2  # SwAV and SimMIM need no tags

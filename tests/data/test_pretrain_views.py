@@ -144,3 +144,21 @@ def test_config_errors_name_the_key():
         hvpmtl.load_config(None, ["data.on_bad_image=ignore"])
     with pytest.raises(ValueError, match=r"data\.dataset: unknown 'foo'"):
         build_dataset(DataConfig(dataset="foo"), 64)
+
+
+def test_rand_augment_magnitude_is_on_timms_scale():
+    from hvpmtl.data.views import RandAugment
+
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    fixed = RandAugment(2, magnitude=9.0, magnitude_std=0.0)
+    fixed(image)
+    rotate = RandAugment._AUGMENTATION_SPACE["Rotate"][0](fixed.num_magnitude_bins, 16, 16)
+    assert rotate[fixed.magnitude].item() == pytest.approx(27.0)  # 90 % of 30 degrees, as timm's m9
+    noisy = RandAugment(2, magnitude=9.0, magnitude_std=0.5)
+    torch.manual_seed(0)
+    levels = []
+    for _ in range(400):
+        noisy(image)
+        levels.append(noisy.magnitude / 10)
+    levels = torch.tensor(levels)
+    assert levels.max() <= 10.0 and 8.85 < levels.mean() < 9.1 and 0.35 < levels.std() < 0.55  # clipped at 10

@@ -2,7 +2,8 @@
 
 The torchrun runs use gloo on CPU. Stochastic layers (the MLC decoder's dropout) draw per-process
 randomness, so they are switched off here; everything else (views, masks, Sinkhorn over the
-global batch, BatchNorm over the global batch, MLC's image-summed loss) must agree.
+global batch, BatchNorm over the global batch, MLC's loss summed over the global batch, the
+option whose rescaling is the engine's job) must agree.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .conftest import TINY, free_port, torchrun
 
 LOSSES = ("loss", "loss_mlc", "loss_swav", "loss_mim", "loss_distill", "grad_norm")
 # gradient shares measured every 2 steps: their extra backward passes must not change training
-COMMON = [*TINY, "tasks.mlc.dropout=0", "train.log_every=1", "data.num_workers=0", "train.grad_share_every=2"]
+COMMON = [*TINY, "tasks.mlc.dropout=0", "tasks.mlc.reduction=global_sum",
+          "train.log_every=1", "data.num_workers=0", "train.grad_share_every=2"]
 SHARES = [f"grad_share_{t}" for t in ("mlc", "swav", "mim", "distill")]
 
 

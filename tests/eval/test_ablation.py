@@ -44,7 +44,8 @@ def test_table_is_mean_and_sample_std_with_the_best_in_bold(tmp_path):
 
 def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsys):
     out = tmp_path / "abl"
-    args = ["ablate", "--smoke", "--out", str(out), "--mixes", "full,mim", "--seeds", "0,1", "--no-items", *TINY_RUN]
+    args = ["ablate", "-c", "cpu-tiny", "--smoke", "--out", str(out), "--mixes", "full,mim", "--seeds", "0,1",
+            "--no-items", *TINY_RUN]
     rc, stdout, err = run(capsys, *args)
     assert rc == 0, err
     assert stdout.count("$ hvpmtl pretrain") == 4 and stdout.count("$ hvpmtl linprobe") == 6
@@ -67,7 +68,7 @@ def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsy
 
 def test_ablate_runs_each_step_through_a_launcher(tmp_path, capsys):
     out = tmp_path / "abl"
-    args = ["ablate", "--smoke", "--out", str(out), "--mixes", "mim", "--seeds", "3", "--no-items",
+    args = ["ablate", "-c", "cpu-tiny", "--smoke", "--out", str(out), "--mixes", "mim", "--seeds", "3", "--no-items",
             "--launcher", sys.executable, *TINY_RUN]  # fmt: skip
     rc, stdout, err = run(capsys, *args)
     assert rc == 0, err

@@ -24,6 +24,8 @@ def test_paper_values_sum_and_mean():
     assert loss.item() == pytest.approx(sum(PAPER_TERMS), rel=1e-5)
     mean = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1, reduction="mean")
     assert mean.item() == pytest.approx(sum(PAPER_TERMS) / 4, rel=1e-5)
+    per_image = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1, reduction="per_image")
+    assert per_image.item() == pytest.approx(sum(PAPER_TERMS) / 2, rel=1e-5)  # classes summed, 2 images averaged
 
 
 def test_probability_clip_shifts_negatives_only():

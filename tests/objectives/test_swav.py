@@ -46,6 +46,21 @@ def test_truncation_keeps_overflowing_scores_finite():
     torch.testing.assert_close(truncated, clamped)
 
 
+def test_max_shift_gives_swavs_codes_without_overflow_or_underflow():
+    scores = _scores(b=64, k=8)
+    # where the plain version is finite, the log-domain version gives the same codes ...
+    torch.testing.assert_close(sinkhorn(scores, 0.05, stabilize="max_shift"), sinkhorn(scores, 0.05, stabilize="none"))
+    # ... while truncation at T_max = 10 saturates every cosine above 0.5 and moves the codes
+    assert (sinkhorn(scores, 0.05, stabilize="truncate") - sinkhorn(scores, 0.05, stabilize="none")).abs().max() > 0.1
+    # at eps = 0.005, scores/eps spans [-200, 200]: exp overflows (none) and, after a plain max
+    # shift, whole prototypes would underflow to 0 (0/0 = NaN); the log domain stays exact
+    q = sinkhorn(scores, 0.005, iterations=500, stabilize="max_shift")
+    assert not torch.isfinite(sinkhorn(scores, 0.005, stabilize="none")).all()
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(1), torch.ones(64))
+    torch.testing.assert_close(q.sum(0), torch.full((8,), 8.0), rtol=1e-3, atol=1e-3)
+
+
 def test_sinkhorn_runs_in_fp32_for_half_inputs():
     q = sinkhorn(_scores().to(torch.bfloat16))
     assert q.dtype == torch.float32 and torch.isfinite(q).all()

@@ -17,8 +17,10 @@ class MaskedBackbone(nn.Module):
         num_features: channels ``d0`` of the last-stage feature map.
         patch_size: pixels per token of the patch embedding (where the mask token is applied).
         reduction: pixels per cell of the last-stage feature map (the SimMIM decoder's stride).
+        timm_class: the timm model class the adapter wraps (its constructor takes ``kwargs``).
     """
 
+    timm_class: type[nn.Module]
     num_features: int
     patch_size: int
     reduction: int

@@ -16,6 +16,8 @@ class MaskedSwin(MaskedBackbone):
     and its average pool.
     """
 
+    timm_class = SwinTransformer
+
     def __init__(self, model: SwinTransformer):
         super().__init__(model, model.embed_dim)
         self.num_features = model.num_features

@@ -14,6 +14,8 @@ class MaskedViT(MaskedBackbone):
     patch tokens on their grid; the pooled feature is timm's own pooling (class token by default).
     """
 
+    timm_class = VisionTransformer
+
     def __init__(self, model: VisionTransformer):
         super().__init__(model, model.embed_dim)
         self.num_features = model.num_features

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pre-train (alone, or under torchrun for DDP/FSDP)")
     p.add_argument("--config", "-c", help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
     p.add_argument("--resume", help="checkpoint to continue from (or train.resume=auto)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's outputs in train.output_dir (train.overwrite=true)")  # fmt: skip
     p.add_argument("overrides", **over)
     p.set_defaults(func=cmd_pretrain)
 
@@ -55,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from hvpmtl.config import ConfigError
+    from hvpmtl.data.decode import BadImageError
+    from hvpmtl.engine.checkpoint import DiskFullError
     from hvpmtl.engine.loop import NonFiniteLossError, SimulatedCrash
     from hvpmtl.eval.weights import WeightsError
 
@@ -66,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         args.args = [*args.args, *extra]
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, WeightsError) as err:
+    except (ConfigError, FileNotFoundError, WeightsError, BadImageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, SimulatedCrash, FloatingPointError) as err:
+    except (NonFiniteLossError, SimulatedCrash, FloatingPointError, DiskFullError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

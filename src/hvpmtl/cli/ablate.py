@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+ABLATION_PRESET = "cpu-micro"
+
 
 def add_parsers(sub, over: dict) -> None:
     from hvpmtl.eval.ablation import MIXES
@@ -16,7 +18,7 @@ def add_parsers(sub, over: dict) -> None:
         help="pre-train under each task mix (the paper's Table 5 and each objective alone), score, tabulate",
         description="Every cell is a run folder OUT/<mix>-s<seed>; run the same command again to continue.",
     )
-    p.add_argument("--config", "-c", help="pre-training preset or YAML (default: cpu-tiny)")
+    p.add_argument("--config", "-c", help="pre-training preset or YAML (default: cpu-micro, the ablation preset)")
     p.add_argument("--out", default="runs/ablate", help="folder of the cells and of ablation.md (default runs/ablate)")
     p.add_argument("--mixes", default=",".join(MIXES), metavar="MIX,MIX",
                    help=f"comma-separated task mixes (default: all of {','.join(MIXES)})")  # fmt: skip
@@ -35,12 +37,11 @@ def add_parsers(sub, over: dict) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from hvpmtl.cli.pretrain import DEFAULT_PRESET
     from hvpmtl.config import ConfigError, load_config
     from hvpmtl.data.fmnist import DEFAULT_ROOT
     from hvpmtl.eval.ablation import SMOKE, Ablation, evaluations, mix_overrides
 
-    preset = args.config or DEFAULT_PRESET
+    preset = args.config or ABLATION_PRESET
     mixes = list(dict.fromkeys(m.strip() for m in args.mixes.split(",") if m.strip()))
     try:
         args.seeds = args.seeds or ("0" if args.smoke else "0,1,2")

@@ -16,7 +16,7 @@ from pathlib import Path
 from hvpmtl.config import ConfigError, explicit_keys, load_config
 
 SOURCE_KEYS = ("dataset", "root", "manifest", "val_manifest", "classes", "classes_file", "check_files", "on_bad_image",
-               "seed", "train_size", "val_size", "mean", "std", "eval_crop_pct")  # fmt: skip
+               "max_image_pixels", "seed", "train_size", "val_size", "mean", "std", "eval_crop_pct")  # fmt: skip
 
 
 def inherited_data(weights, preset: str | None, overrides: list[str], preset_dir: Path) -> dict:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from hvpmtl.config import Config
 
 DEFAULT_PRESET = "cpu-tiny"
 DEMO_PROBE = {"train_images": 2000, "eval_images": 1000}
@@ -35,13 +39,29 @@ def load_pretrain_config(preset: str | None, overrides: list[str], resume: str |
         if not run_cfg.is_file():
             raise FileNotFoundError(f"--resume: {run_cfg} (the run's config) not found; pass --config")
         preset = str(run_cfg)
-    return load_config(preset or DEFAULT_PRESET, overrides)
+    cfg = load_config(preset or DEFAULT_PRESET, overrides)
+    check_devices(cfg)
+    return cfg
+
+
+def check_devices(cfg: Config) -> None:
+    """``train.device`` and ``train.precision`` must suit this machine (``ConfigError`` naming the key)."""
+    import torch
+
+    from hvpmtl.config import ConfigError
+
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda: no CUDA device is visible (use train.device=auto or cpu)")
+    on_cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    if cfg.train.precision == "fp16" and not on_cuda:
+        raise ConfigError("train.precision=fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from hvpmtl.engine.loop import pretrain
 
-    cfg = load_pretrain_config(args.config, args.overrides, args.resume)
+    overrides = [*args.overrides, "train.overwrite=true"] if args.overwrite else args.overrides
+    cfg = load_pretrain_config(args.config, overrides, args.resume)
     pretrain(cfg, resume=args.resume)
     return 0
 

@@ -11,7 +11,11 @@ Public entry points:
   ``hvpmtl.config.Config`` (they read ``cfg.backbone.img_size``, ``cfg.tasks.mim`` and
   ``cfg.data``).
 * ``build_pretrain_dataset(cfg, split)`` = ``PretrainViews(build_dataset(...),
-  build_view_transform(cfg), seed=cfg.train.seed)``; batch it with ``collate_pretrain``.
+  build_view_transform(cfg), seed=cfg.train.seed)``; batch it with ``collate_pretrain``. Images it
+  skips (``data.on_bad_image=skip``) are listed in ``cfg.train.output_dir``;
+  ``skipped_images_summary(run_dir)`` merges that list and gives the line a run prints at its end.
+* ``read_image(path, max_pixels)`` decodes any image file to uint8 RGB (``hvpmtl.data.decode``);
+  unusable images raise ``BadImageError`` naming the file (and its manifest line).
 
 Where each split comes from: generated sets (synthetic, fmnist-mosaic) use ``data.train_size``
 / ``data.val_size`` images from disjoint streams of ``data.seed``, with ``data.label_noise``
@@ -29,10 +33,12 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from hvpmtl.data.config import DATASETS, DataConfig
+from hvpmtl.data.decode import BadImageError
 from hvpmtl.data.fmnist import DEFAULT_ROOT as FMNIST_ROOT
 from hvpmtl.data.fmnist import FashionMNISTItems, FashionMNISTMosaic
 from hvpmtl.data.manifest import ImageFiles, ImageFolderImages, ManifestImages, read_class_names, read_image
 from hvpmtl.data.masking import MaskGenerator, upsample_mask
+from hvpmtl.data.skipped import skipped_images_summary
 from hvpmtl.data.synthetic import SyntheticScenes, noisy_labels
 from hvpmtl.data.views import (
     EvalImages,
@@ -46,6 +52,7 @@ from hvpmtl.data.views import (
 
 __all__ = [
     "DATASETS",
+    "BadImageError",
     "DataConfig",
     "EvalImages",
     "EvalTransform",
@@ -67,6 +74,7 @@ __all__ = [
     "noisy_labels",
     "read_class_names",
     "read_image",
+    "skipped_images_summary",
     "upsample_mask",
     "view_seed",
 ]
@@ -92,7 +100,7 @@ def _manifest(cfg: DataConfig, split: str) -> ManifestImages:
         raise FileNotFoundError(f"data.{key}: file not found: {path}")
     if cfg.root and not Path(cfg.root).is_dir():
         raise FileNotFoundError(f"data.root: folder not found: {cfg.root}")
-    return ManifestImages(path, cfg.root, _vocabulary(cfg), cfg.check_files, cfg.on_bad_image)
+    return ManifestImages(path, cfg.root, _vocabulary(cfg), cfg.check_files, cfg.on_bad_image, cfg.max_image_pixels)
 
 
 def _imagefolder(cfg: DataConfig, split: str) -> ImageFolderImages:
@@ -104,7 +112,7 @@ def _imagefolder(cfg: DataConfig, split: str) -> ImageFolderImages:
     elif split != "train":
         raise FileNotFoundError(f"data.root: no '{split}' folder in {cfg.root} (data.dataset=imagefolder)")
     try:
-        ds = ImageFolderImages(root, cfg.on_bad_image)
+        ds = ImageFolderImages(root, cfg.on_bad_image, cfg.max_image_pixels)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"data.root: {err}") from err
     vocab = _vocabulary(cfg)
@@ -163,6 +171,7 @@ def build_view_transform(cfg: Any) -> TwoViewTransform:
         rand_augment=d.rand_augment,
         rand_augment_ops=d.rand_augment_ops,
         rand_augment_magnitude=d.rand_augment_magnitude,
+        rand_augment_magnitude_std=d.rand_augment_magnitude_std,
         mean=d.mean,
         std=d.std,
     )
@@ -176,4 +185,18 @@ def build_eval_transform(cfg: Any) -> EvalTransform:
 def build_pretrain_dataset(cfg: Any, split: str = "train") -> PretrainViews:
     """``PretrainViews`` over ``build_dataset(cfg.data, ...)``, augmentations seeded by ``train.seed``."""
     base = build_dataset(cfg.data, cfg.backbone.img_size, split)
+    _check_tags(base, cfg)
+    if isinstance(base, ImageFiles) and cfg.train.output_dir:
+        base.skip_log_dir = Path(cfg.train.output_dir)
     return PretrainViews(base, build_view_transform(cfg), seed=cfg.train.seed)
+
+
+def _check_tags(base: Dataset, cfg: Any) -> None:
+    """A manifest without a single tag cannot train the tasks that read tags (MLC, distillation)."""
+    readers = [f"tasks.{t}" for t in ("mlc", "distill") if getattr(cfg.tasks, t).weight > 0]
+    if isinstance(base, ManifestImages) and base.num_tagged == 0 and readers:
+        raise ValueError(
+            f"{base.manifest}: no tags: the 'labels' column is empty on all {len(base)} lines, and "
+            f"{' and '.join(readers)} need tags (fill it: tags separated by '|'; or set "
+            f"{' '.join(r + '.weight=0' for r in readers)})"
+        )

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic", "fmnist")
 BAD_IMAGE_POLICIES = ("error", "skip")
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -30,7 +31,8 @@ class DataConfig:
     classes_file: str = ""  # vocabulary as a file, one name per line (instead of classes)
     num_classes: int | None = None  # set from the data set when None; checked when given
     check_files: bool = True  # manifest: every image file must exist at construction
-    on_bad_image: str = "error"  # error | skip (substitute the next sample, count the file)
+    on_bad_image: str = "error"  # error | skip (substitute the next sample, list the file in <run>/skipped_images.txt)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are bad images (decompression bombs); 0 = no limit
 
     # generated data sets (synthetic, fmnist-mosaic)
     seed: int = 0  # which generated data set; augmentations are seeded by train.seed
@@ -55,7 +57,8 @@ class DataConfig:
     rotation: float = 10.0  # degrees, uniform in [-r, r]; 0 = off
     rand_augment: bool = True
     rand_augment_ops: int = 2
-    rand_augment_magnitude: int = 9  # 0..30 on torchvision's 31 bins (9: 30 % of each op's maximum)
+    rand_augment_magnitude: float = 9.0  # timm's 0..10 scale (SimMIM's rand-m9: 90 % of each op's maximum)
+    rand_augment_magnitude_std: float = 0.5  # per-image Gaussian noise on the magnitude (timm's mstd0.5)
     eval_crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre-crop
 
     def validate(self, prefix: str = "") -> None:
@@ -70,6 +73,7 @@ class DataConfig:
 
         check(self.dataset in DATASETS, "dataset", f"unknown (choose from {', '.join(DATASETS)})")
         check(self.on_bad_image in BAD_IMAGE_POLICIES, "on_bad_image", "must be 'error' or 'skip'")
+        check(self.max_image_pixels >= 0, "max_image_pixels", "must be >= 0 (0 = no limit)")
         check(not (self.classes and self.classes_file), "classes", "give classes or classes_file, not both")
         check(len(set(self.classes)) == len(self.classes), "classes", "names must be unique")
         check(self.num_classes is None or self.num_classes > 0, "num_classes", "must be positive")
@@ -91,5 +95,6 @@ class DataConfig:
         check(0.0 <= self.color_jitter_prob <= 1.0, "color_jitter_prob", "is a probability in [0, 1]")
         check(0.0 <= self.rotation <= 180.0, "rotation", "must be in [0, 180] degrees")
         check(self.rand_augment_ops >= 1, "rand_augment_ops", "must be >= 1")
-        check(0 <= self.rand_augment_magnitude <= 30, "rand_augment_magnitude", "must be in [0, 30]")
+        check(0 <= self.rand_augment_magnitude <= 10, "rand_augment_magnitude", "must be in [0, 10] (timm's scale)")
+        check(self.rand_augment_magnitude_std >= 0, "rand_augment_magnitude_std", "must be >= 0")
         check(0.0 < self.eval_crop_pct <= 1.0, "eval_crop_pct", "must be in (0, 1]")

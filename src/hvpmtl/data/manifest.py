@@ -7,38 +7,57 @@ Manifest formats (paths relative to ``root``; an absolute path is used as is):
   field is an image with no tag. Quote a path that contains a comma.
 * JSONL, one object per line: ``{"path": "img/001.jpg", "labels": ["dog", "grass"]}``.
 
-Tags are names. The vocabulary is the sorted set of names in the file, or a given list (then an
-unknown name is an error). Problems are reported early, naming the file and line: a malformed
-line, an unknown tag, a missing image (checked at construction unless ``check_files=False``).
-An image that cannot be decoded at load time raises (``on_bad_image="error"``) or is replaced
-by the next readable sample (``"skip"``) and counted in ``num_skipped``; the count is per
-process, so each DataLoader worker keeps its own.
+Manifests are UTF-8 text; a byte-order mark (as Excel writes) is accepted. Tags are names. The
+vocabulary is the sorted set of names in the file, or a given list (then an unknown name is an
+error). Problems are reported early, naming the file and line: bytes that are not UTF-8, a
+malformed line, an unknown tag, a missing image (checked at construction unless
+``check_files=False``).
+
+Images are decoded by :func:`hvpmtl.data.decode.read_image` (every PIL mode, EXIF orientation,
+a pixel limit). An image that cannot be used at load time raises :class:`BadImageError` naming
+the file and its manifest line (``on_bad_image="error"``), or is replaced by the next readable
+sample (``"skip"``): warned once per file and process, counted in ``num_skipped`` (per process),
+and appended to the run's skipped-image list when ``skip_log_dir`` is set (see
+:mod:`hvpmtl.data.skipped`). ``max_bad_in_a_row`` unreadable images in a row (or all of them)
+stop the data set with a :class:`BadImageError` naming the manifest.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms.v2.functional import pil_to_tensor
+
+from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
+from hvpmtl.data.decode import BadImageError, read_image
+from hvpmtl.data.skipped import record_skipped_image
+
+__all__ = ["BadImageError", "ImageFiles", "ImageFolderImages", "ManifestImages", "read_class_names", "read_image"]
 
 LABEL_SEP = "|"
+MAX_BAD_IN_A_ROW = 100  # under on_bad_image=skip, this many unreadable images in a row stop the data set
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as uint8 RGB ``3 x H x W`` (grey, palette and RGBA are converted).
-
-    Decoded with PIL, which reads every format ImageFolder accepts (torchvision's own decoders
-    are deprecated since torchvision 0.29).
-    """
-    with Image.open(path) as im:
-        return pil_to_tensor(im.convert("RGB"))
+def read_text(path: Path) -> str:
+    """A UTF-8 text file (a leading byte-order mark dropped); other bytes: ``ValueError`` naming
+    the file, line and column."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        lineno = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}:{lineno}: not UTF-8 text (byte 0x{data[err.start]:02x} at column {err.start - line_start + 1}); "
+            "save the file as UTF-8"
+        ) from None
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -47,7 +66,7 @@ def read_class_names(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"class-name file not found: {path}")
     names: dict[str, int] = {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         name = line.strip()
         if not name or name.startswith("#"):
             continue
@@ -61,7 +80,7 @@ def read_class_names(path: str | Path) -> list[str]:
 
 def _parse_csv(path: Path) -> list[tuple[int, str, list[str]]]:
     rows = []
-    with open(path, newline="") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         cols = [c.strip() for c in header] if header else []
@@ -86,7 +105,7 @@ def _parse_csv(path: Path) -> list[tuple[int, str, list[str]]]:
 
 def _parse_jsonl(path: Path) -> list[tuple[int, str, list[str]]]:
     rows = []
-    with open(path) as f:
+    with io.StringIO(read_text(path), newline=None) as f:  # universal newlines, as open() reads
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -114,7 +133,9 @@ class ImageFiles(Dataset):
     """Images on disk with tag-index lists; loading with the ``on_bad_image`` policy.
 
     Items are dicts: ``image`` uint8 ``3 x H x W``, ``labels`` float ``C`` multi-hot, ``index``
-    (the index actually read, which differs from the asked one after a skip).
+    (the index actually read, which differs from the asked one after a skip). ``origin`` names
+    the listing (manifest or folder) in errors; ``skip_log_dir`` (a run folder, or None) is
+    where skipped images are listed.
     """
 
     def __init__(
@@ -124,6 +145,9 @@ class ImageFiles(Dataset):
         classes: Sequence[str],
         on_bad_image: str = "error",
         sources: Sequence[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        origin: str = "",
+        max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
     ):
         if on_bad_image not in ("error", "skip"):
             raise ValueError(f"on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
@@ -132,39 +156,58 @@ class ImageFiles(Dataset):
         self.paths, self.targets, self.classes = list(paths), list(targets), list(classes)
         self.sources = list(sources) if sources is not None else None  # "file:line" per image
         self.on_bad_image = on_bad_image
+        self.max_pixels, self.max_bad_in_a_row = max_pixels, max(1, max_bad_in_a_row)
+        self.origin = origin or "the image list"
         self.num_classes = len(self.classes)
         self.num_skipped = 0  # bad images replaced in this process
         self.skipped_files: set[str] = set()
+        self.skip_log_dir: Path | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _where(self, i: int) -> str:
-        return f" (listed at {self.sources[i]})" if self.sources else ""
+        return f"{self.sources[i]}: " if self.sources else ""
+
+    def _skip(self, i: int, err: BadImageError) -> None:
+        self.num_skipped += 1
+        if self.paths[i] in self.skipped_files:
+            return
+        self.skipped_files.add(self.paths[i])
+        warnings.warn(f"{self._where(i)}skipping unreadable image {self.paths[i]}: {err.reason}", stacklevel=3)
+        if self.skip_log_dir is not None:
+            record_skipped_image(self.skip_log_dir, self.paths[i], err.reason)
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.paths)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
-        for step in range(n):
+        tries = min(n, self.max_bad_in_a_row)
+        first: tuple[int, BadImageError] | None = None
+        for step in range(tries):
             i = (index + step) % n
             try:
-                image = read_image(self.paths[i])
-            except (OSError, ValueError, RuntimeError) as err:  # PIL: UnidentifiedImageError, truncated
+                image = read_image(self.paths[i], self.max_pixels)
+            except BadImageError as err:
                 if self.on_bad_image == "error":
-                    raise RuntimeError(
-                        f"cannot read image {self.paths[i]}{self._where(i)}: {err} "
-                        "(set data.on_bad_image=skip to replace unreadable images)"
-                    ) from err
-                self.num_skipped += 1
-                if self.paths[i] not in self.skipped_files:
-                    self.skipped_files.add(self.paths[i])
-                    warnings.warn(f"skipping unreadable image {self.paths[i]}{self._where(i)}: {err}", stacklevel=2)
+                    raise BadImageError(
+                        f"{self._where(i)}cannot read image {self.paths[i]}: {err.reason} "
+                        "(data.on_bad_image=skip skips unreadable images)",
+                        err.reason,
+                    ) from None
+                first = first or (i, err)
+                self._skip(i, err)
                 continue
             labels = torch.zeros(self.num_classes)
             labels[list(self.targets[i])] = 1
             return {"image": image, "labels": labels, "index": i}
-        raise RuntimeError(f"none of the {n} images can be read (first: {self.paths[0]})")
+        i, err = first
+        what = f"none of the {n} images" if tries == n else f"{tries} images in a row (on_bad_image=skip stops there)"
+        raise BadImageError(
+            f"{self.origin}: {what} can be read, e.g. {self._where(i)}{self.paths[i]}: {err.reason} "
+            "(check the files and data.root)",
+            err.reason,
+        )
 
 
 class ManifestImages(ImageFiles):
@@ -176,6 +219,9 @@ class ManifestImages(ImageFiles):
         classes: vocabulary (a list, or a path to a file of names); None = built from the file.
         check_files: check at construction that every image file exists.
         on_bad_image: ``error`` | ``skip`` for images that fail to decode at load time.
+        max_pixels: larger images are bad images (0: no limit).
+
+    ``num_tagged`` is the number of images with at least one tag.
     """
 
     def __init__(
@@ -185,6 +231,7 @@ class ManifestImages(ImageFiles):
         classes: Sequence[str] | str | Path | None = None,
         check_files: bool = True,
         on_bad_image: str = "error",
+        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         manifest = Path(manifest)
         if not manifest.is_file():
@@ -222,16 +269,19 @@ class ManifestImages(ImageFiles):
             lineno, p = missing[0]
             more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
             raise FileNotFoundError(f"{manifest}:{lineno}: image not found: {p}{more}")
-        super().__init__(paths, targets, names, on_bad_image, sources)
+        super().__init__(paths, targets, names, on_bad_image, sources, max_pixels, f"manifest {manifest}")
         self.manifest = manifest
+        self.num_tagged = sum(1 for t in targets if t)
 
 
 class ImageFolderImages(ImageFiles):
     """A torchvision ``ImageFolder`` tree (``root/<class>/<image>``): one tag per image, one-hot."""
 
-    def __init__(self, root: str | Path, on_bad_image: str = "error"):
+    def __init__(self, root: str | Path, on_bad_image: str = "error", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         from torchvision.datasets import ImageFolder
 
         folder = ImageFolder(str(root))  # finds classes and files; reads no image
-        super().__init__([p for p, _ in folder.samples], [[t] for _, t in folder.samples], folder.classes, on_bad_image)
+        samples = folder.samples
+        super().__init__([p for p, _ in samples], [[t] for _, t in samples], folder.classes, on_bad_image,
+                         max_pixels=max_pixels, origin=f"image folder {root}")  # fmt: skip
         self.root = Path(root)

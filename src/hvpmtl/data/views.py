@@ -28,15 +28,37 @@ def view_seed(seed: int, epoch: int, index: int) -> int:
     return (int(state[0]) << 31) ^ int(state[1])
 
 
+class RandAugment(v2.RandAugment):
+    """torchvision's RandAugment with the magnitude on timm's scale, as in SimMIM's
+    ``rand-m9-mstd0.5``: ``magnitude`` in [0, 10] is that fraction of each op's maximum (9: 90 %,
+    27 degrees of rotation), drawn per image from ``N(magnitude, magnitude_std)`` and clipped to
+    [0, 10]. (torchvision's own scale is 31 bins, where 9 means 30 %.) The ops and their maxima
+    are torchvision's."""
+
+    LEVELS = 100  # magnitude resolution: 0.1 on the 0-10 scale
+
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5):
+        super().__init__(num_ops, magnitude=0, num_magnitude_bins=self.LEVELS + 1)
+        self.level, self.level_std = float(magnitude), float(magnitude_std)
+
+    def forward(self, *inputs):
+        level = self.level
+        if self.level_std > 0:
+            level = min(max(level + self.level_std * float(torch.randn(())), 0.0), 10.0)
+        self.magnitude = round(level * self.LEVELS / 10)
+        return super().forward(*inputs)
+
+
 class TwoViewTransform:
     """uint8 ``3 x H x W`` image -> ``(v0, v1, mask)``: two float views and a ``g x g`` mask.
 
     Each view: ``RandomResizedCrop(img_size, crop_scale, crop_ratio)`` -> flip (prob ``hflip``)
     -> rotation (uniform in ``[-rotation, rotation]`` degrees) -> colour jitter (brightness,
     contrast, saturation ``color_jitter``, hue ``color_jitter / 4``, prob ``color_jitter_prob``)
-    -> RandAugment(``rand_augment_ops``, ``rand_augment_magnitude``) -> float -> normalise.
-    A strength of 0 (or ``rand_augment=False``) leaves that step out. Randomness comes from the
-    global torch RNG; seed it (as :class:`PretrainViews` does) for reproducible views.
+    -> :class:`RandAugment` (``rand_augment_ops``, ``rand_augment_magnitude`` on timm's 0-10 scale,
+    ``rand_augment_magnitude_std``) -> float -> normalise. A strength of 0 (or
+    ``rand_augment=False``) leaves that step out. Randomness comes from the global torch RNG; seed
+    it (as :class:`PretrainViews` does) for reproducible views.
     """
 
     def __init__(
@@ -52,7 +74,8 @@ class TwoViewTransform:
         rotation: float = 10.0,
         rand_augment: bool = True,
         rand_augment_ops: int = 2,
-        rand_augment_magnitude: int = 9,
+        rand_augment_magnitude: float = 9.0,
+        rand_augment_magnitude_std: float = 0.5,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
@@ -65,7 +88,8 @@ class TwoViewTransform:
             s = color_jitter
             steps.append(v2.RandomApply([v2.ColorJitter(s, s, s, min(s / 4, 0.5))], p=color_jitter_prob))
         if rand_augment:
-            steps.append(v2.RandAugment(rand_augment_ops, rand_augment_magnitude))
+            magnitude, noise = rand_augment_magnitude, rand_augment_magnitude_std
+            steps.append(RandAugment(rand_augment_ops, magnitude, noise))
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
         self.view = v2.Compose(steps)
         self.masks = MaskGenerator(img_size, mask_patch_size, mask_ratio)

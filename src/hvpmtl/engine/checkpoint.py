@@ -4,17 +4,23 @@ A checkpoint holds the model (student, teacher and the iteration counter through
 state), the optimiser and grad-scaler states, the loop position (step, epoch, step in epoch),
 every rank's RNG states (python, numpy, torch, CUDA; as tensors and plain types) and the
 resolved config. It is written to a temporary file in the same folder, fsync'ed and renamed,
-so a crash never leaves a half-written checkpoint. State dicts go through
+so a crash never leaves a half-written checkpoint; a sidecar ``step_N.pt.sha256`` (sha256sum
+format, written the same way just after it) lets :func:`load_checkpoint` refuse a truncated or
+damaged file by name instead of failing deep inside ``torch.load``. State dicts go through
 ``torch.distributed.checkpoint.state_dict`` so DDP, FSDP2 and single-process runs share one
 format (full, unsharded tensors keyed by parameter name).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,18 @@ from hvpmtl.engine.distributed import DistEnv, all_gather_object, unwrap
 CKPT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
 FORMAT = 1
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (empty, damaged, foreign or unsafe); names the file."""
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk is full (ENOSPC); the previous file, if any, is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -59,6 +77,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     if keep > 0:
         for _, path in list_checkpoints(run_dir)[:-keep]:
             path.unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -83,9 +102,66 @@ def atomic_write(path: str | Path, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        if _disk_full(err):
+            kept = "the previous file is kept" if path.exists() else "nothing was written"
+            raise DiskFullError(errno.ENOSPC, f"disk full (ENOSPC) while writing {path}; {kept}") from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """Whether ENOSPC (or a full quota) is behind ``err``; torch.save buries it under its own error."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+# ----------------------------------------------------------------------------------------------
+# checksums
+
+
+def checksum_path(path: str | Path) -> Path:
+    """The sidecar ``<checkpoint>.sha256`` beside a checkpoint."""
+    path = Path(path)
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksum(path: str | Path) -> Path:
+    """Write ``<path>.sha256`` (``sha256sum`` format) atomically; returns its path."""
+    path = Path(path)
+    line = f"{_sha256(path)}  {path.name}\n"
+    atomic_write(checksum_path(path), lambda f: f.write(line.encode()))
+    return checksum_path(path)
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a usable checkpoint file (empty, truncated, damaged), or None. Checks the
+    sidecar checksum when there is one, else that the file is a complete zip archive."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    sidecar = checksum_path(path)
+    if sidecar.is_file():
+        expected = sidecar.read_text().split(maxsplit=1)[:1]
+        if expected != [_sha256(path)]:
+            return f"checksum mismatch with {sidecar.name} ({size} bytes): truncated or damaged"
+        return None
+    if not zipfile.is_zipfile(path):
+        return f"not a complete checkpoint archive ({size} bytes): truncated, damaged or not a checkpoint"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,18 +224,68 @@ def save_checkpoint(
         "config": config,
         **loop_state,
     }
-    atomic_write(path, lambda f: torch.save(payload, f))
+    path = Path(path)
+    checksum_path(path).unlink(missing_ok=True)  # a stale sidecar must never vouch for a new file
+    try:
+        atomic_write(path, lambda f: torch.save(payload, f))
+        write_checksum(path)
+    except DiskFullError as err:
+        latest = find_latest(path.parent.parent)
+        kept = f"the latest complete checkpoint is {latest.name}" if latest else "no earlier checkpoint exists"
+        raise DiskFullError(
+            errno.ENOSPC, f"disk full (ENOSPC) while writing checkpoint {path}; {kept}: free space on that disk, "
+            "then continue with train.resume=auto"
+        ) from err
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint on CPU (``weights_only=True``)."""
+    """Read a checkpoint on CPU (``weights_only=True``) after checking it is complete; a file that
+    is empty, damaged, foreign or needs arbitrary pickled objects raises :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}; nothing was loaded")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never do that
+        raise CheckpointError(
+            f"{path}: not a checkpoint written by hvpmtl, or unsafe to load (it holds arbitrary pickled "
+            "objects); nothing was loaded"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        why = (str(err).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an hvpmtl checkpoint (format {FORMAT})")
+        raise CheckpointError(f"{path}: not an hvpmtl checkpoint (format {FORMAT})")
     return ckpt
+
+
+def check_fits(saved: dict, model: nn.Module, path: str | Path, changed: list[str] = ()) -> None:
+    """Raise :class:`CheckpointError` naming the missing, unexpected and mis-shaped keys when the
+    checkpoint's model state ``saved`` does not fit ``model`` (a different architecture)."""
+    current = unwrap(model).state_dict()
+    missing = [k for k in current if k not in saved]
+    unexpected = [k for k in saved if k not in current]
+    shapes = [
+        f"{k}: checkpoint {list(saved[k].shape)} vs model {list(v.shape)}"
+        for k, v in current.items()
+        if k in saved and isinstance(v, torch.Tensor) and isinstance(saved[k], torch.Tensor)
+        and saved[k].shape != v.shape
+    ]  # fmt: skip
+    if not (missing or unexpected or shapes):
+        return
+    parts = [
+        f"{len(items)} {what} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if items
+    ]
+    why = f"; the config differs in {', '.join(changed)}" if changed else ""
+    raise CheckpointError(
+        f"{path} does not fit this model: {', '.join(parts)}{why}; resume with the config the checkpoint was "
+        "written with, or start a new run in another train.output_dir"
+    )
 
 
 def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer | None, scaler: Any, env: DistEnv) -> None:

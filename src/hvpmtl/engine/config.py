@@ -46,7 +46,9 @@ class OptimConfig:
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         check(self.weight_decay_end is None or self.weight_decay_end >= 0, "weight_decay_end", "must be >= 0")
         check(all(0 <= b < 1 for b in self.betas), "betas", "must be in [0, 1)")
+        check(self.eps > 0, "eps", "must be positive")
         check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        check(self.warmup_steps >= -1, "warmup_steps", "must be >= 0 (or -1: use warmup_epochs)")
         check(self.clip_grad >= 0, "clip_grad", "must be >= 0 (0 disables)")
         check(self.impl in ("auto", "fused", "foreach", "plain"), "impl", "choose auto, fused, foreach or plain")
 
@@ -74,6 +76,7 @@ class TrainConfig:
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 2  # step checkpoints kept in <output_dir>/checkpoints (0 keeps all)
     resume: str = ""  # "" | auto (latest checkpoint in output_dir) | path to a checkpoint
+    overwrite: bool = False  # replace a previous run's outputs in output_dir (else such a folder is refused)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm progress bar on rank 0
     stop_after: int = 0  # testing knob: > 0 simulates a crash after this step (no final save)
@@ -82,6 +85,7 @@ class TrainConfig:
     def validate(self, prefix: str = "") -> None:
         check = _checker(self, prefix)
         check(self.epochs > 0, "epochs", "must be positive")
+        check(0 <= self.seed < 2**63, "seed", "must be in [0, 2**63) (NumPy's and PyTorch's generators)")
         check(self.max_steps >= 0, "max_steps", "must be >= 0 (0: use epochs)")
         check(self.accum_steps >= 1, "accum_steps", "must be >= 1")
         check(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")

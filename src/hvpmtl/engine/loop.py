@@ -3,8 +3,10 @@
 One optimiser step (paper Sec. 3.3, SimMIM's clip, ALBEF's EMA): for each of ``accum_steps``
 micro-batches, forward under autocast and backward; clip the global gradient norm; if the loss
 and the gradient are finite, step AdamW and then the EMA teacher (``model.after_step()``),
-otherwise skip both and count the step. Per-step values stay on the device and are read back
-once per ``train.log_every`` steps; the only per-step host sync is the finite/non-finite flag.
+otherwise skip both, put the buffers back (BatchNorm statistics) and count the step. Per-step
+values stay on the device and are read back once per ``train.log_every`` steps; the only
+per-step host sync is the finite/non-finite flag. A run that ends with no successful step or
+with non-finite weights raises instead of exporting them (``engine/guards.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader
 import hvpmtl
 from hvpmtl.config import Config, ConfigError, save_config, to_dict
 from hvpmtl.engine import checkpoint as ckpt_io
+from hvpmtl.engine import run_dir as run_io
 from hvpmtl.engine.distributed import (
     DistEnv,
     all_reduce_sum,
@@ -34,6 +37,7 @@ from hvpmtl.engine.distributed import (
     wrap_model,
 )
 from hvpmtl.engine.grad_share import grad_shares
+from hvpmtl.engine.guards import BufferSnapshot, untrained_reason
 from hvpmtl.engine.metrics import MetricsLogger, format_summary, read_metrics, summarize
 from hvpmtl.engine.optim import build_optimizer
 from hvpmtl.engine.sampler import GlobalBatchSampler
@@ -41,7 +45,8 @@ from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps had a non-finite loss or gradient, or the run ended with no
+    successful step or with non-finite weights (then nothing is exported)."""
 
 
 class SimulatedCrash(RuntimeError):
@@ -74,6 +79,7 @@ def pretrain(cfg: Config, resume: str | None = None) -> RunResult:
             raise ConfigError(str(err)) from err
         return trainer.fit()
     finally:
+        run_io.unlock_run_dir(cfg.train.output_dir)
         cleanup_distributed()
 
 
@@ -155,8 +161,9 @@ class Trainer:
         self.step, self.skipped, self.bad_streak = 0, 0, 0
         if ckpt_path is not None:
             self._resume(ckpt_path)
+        overwrite, t.overwrite = t.overwrite, False  # a one-off: the saved config must not carry it
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            run_io.open_run_dir(self.run_dir, overwrite)
             save_config(cfg, self.run_dir / "config.yaml")
         barrier(env)
         self.logger = MetricsLogger(
@@ -166,28 +173,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
-        """Rank 0 decides (a shared file system may show files late) and tells the others."""
+        """Rank 0 checks and locks the run folder and picks (and loads) the checkpoint, as
+        :func:`run_dir.plan_run` says (a shared file system may show files late); it tells the others."""
         choice: tuple[str, str] = ("none", "")
+        self._resume_state = None
         if self.env.is_main:
-            latest = ckpt_io.find_latest(self.run_dir)
-            if resume == "auto":
-                choice = ("path", str(latest)) if latest is not None else choice
-            elif resume:
-                choice = ("path", resume)
-            elif latest is not None:
-                choice = ("error", (
-                    f"train.output_dir={self.run_dir} already holds checkpoints (latest: {latest.name}); "
-                    "continue it with train.resume=auto (or --resume PATH), or choose another train.output_dir"
-                ))  # fmt: skip
+            try:
+                path, self._resume_state = run_io.plan_run(self.run_dir, resume, self.cfg.train.overwrite)
+                choice = ("path", str(path)) if path is not None else choice
+            except (ValueError, OSError) as err:
+                choice = ("error", str(err))
         kind, value = broadcast_object(choice, self.env)
         if kind == "error":
             raise ValueError(value)
         return Path(value) if kind == "path" else None
 
     def _resume(self, path: Path) -> None:
-        state = ckpt_io.load_checkpoint(path)
+        state, self._resume_state = self._resume_state or ckpt_io.load_checkpoint(path), None
         old, new = _flat(state.get("config", {})), _flat(to_dict(self.cfg))
         changed = sorted(k for k in new if k in old and old[k] != new[k] and not k.startswith("train."))
+        ckpt_io.check_fits(state["model"], self.model, path, changed)
         if changed and self.env.is_main:
             print(f"warning: resuming {path} with a changed config: {', '.join(changed)}")
         ckpt_io.restore(state, self.model, self.optimizer, self.scaler, self.env)
@@ -243,6 +248,7 @@ class Trainer:
         values = torch.zeros(len(self.keys), device=dev)
         factors = self._micro_factors()
         bad = torch.zeros((), device=dev)
+        buffers = BufferSnapshot(self.inner)  # BatchNorm statistics etc., put back if the step is skipped
         for a in range(t.accum_steps):
             batch = _to_device(next(batches), dev)
             with gradient_sync(self.model, a == t.accum_steps - 1):
@@ -280,8 +286,11 @@ class Trainer:
                 self.inner.after_step()
             else:
                 self.skipped += 1
-        elif self.scaler is not None:
-            self.scaler.update()
+                buffers.restore()
+        else:
+            buffers.restore()
+            if self.scaler is not None:
+                self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return values, norm.detach().float(), ok
 
@@ -350,17 +359,21 @@ class Trainer:
                         self.monitored.setdefault(self.step, {}).update(self.monitor(self.inner, sharded=not self.fsdp))
                     if self.step % t.log_every == 0 or done or self.step % t.ckpt_every == 0:
                         self._flush(pending)
-                    if self.step % t.ckpt_every == 0 or done:
+                    if self.step % t.ckpt_every == 0 and not done:  # the last one after the check below
                         last_ckpt = self._save()
                     if t.stop_after and self.step >= t.stop_after and not done:
                         raise SimulatedCrash(f"simulated crash after step {self.step} (train.stop_after)")
                     if done:
                         break
                 del batches
-            seconds = time.perf_counter() - start
             self._flush(pending)
-            if last_ckpt is None and self.env.is_main:
+            if (problem := untrained_reason(self.inner, self.step, self.skipped, self.env)) is not None:
+                raise NonFiniteLossError(problem)
+            if self.step > start_step:
+                last_ckpt = self._save()
+            elif self.env.is_main:
                 last_ckpt = ckpt_io.find_latest(self.run_dir)
+            seconds = time.perf_counter() - start
             paths = ckpt_io.export_weights(self.run_dir, self.model, to_dict(self.cfg), self.env)
         finally:
             self.logger.close()
@@ -368,8 +381,12 @@ class Trainer:
         result = RunResult(self.run_dir, self.step, self.skipped, seconds, images / max(seconds, 1e-9),
                            checkpoint=last_ckpt, backbone=paths.get("backbone"))  # fmt: skip
         if self.env.is_main:
-            result.losses = summarize(read_metrics(self.run_dir / "metrics.csv"), self.log_keys)["losses"]
-            print(format_summary({"losses": result.losses}, self.step, self.skipped, seconds, result.images_per_s))
+            summary = summarize(read_metrics(self.run_dir / "metrics.csv"), self.log_keys)
+            result.losses = summary["losses"]
+            print(format_summary(summary, self.step, self.skipped, seconds, result.images_per_s))
+            from hvpmtl.data import skipped_images_summary
+            if (skipped_line := skipped_images_summary(self.run_dir)) is not None:
+                print(skipped_line)
             print(f"run folder: {self.run_dir}")
         return result
 

@@ -108,10 +108,12 @@ def _fmt(v: float) -> str:
 
 
 def summarize(rows: list[dict], loss_keys: tuple[str, ...], window: int = 10) -> dict:
-    """First vs last value of each loss (means over the first/last ``window`` finite steps)."""
-    out: dict = {"losses": {}}
+    """First vs last value of each loss (means over the first/last ``window`` finite steps) under
+    ``"losses"``, and how many rows had a finite value of each under ``"finite_rows"``."""
+    out: dict = {"losses": {}, "finite_rows": {}}
     for k in loss_keys:
         vals = [r[k] for r in rows if k in r and math.isfinite(r[k])]
+        out["finite_rows"][k] = len(vals)
         if vals:
             w = max(1, min(window, len(vals) // 4 or 1))
             out["losses"][k] = (sum(vals[:w]) / w, sum(vals[-w:]) / w)
@@ -119,11 +121,18 @@ def summarize(rows: list[dict], loss_keys: tuple[str, ...], window: int = 10) ->
 
 
 def format_summary(summary: dict, steps: int, skipped: int, seconds: float, images_per_s: float) -> str:
-    """The table printed at the end of a run."""
+    """The table printed at the end of a run. A change needs two finite rows (else ``—``); a run
+    with skipped steps says how many."""
+    finite_rows = summary.get("finite_rows", {})
     lines = [f"{'':16s}{'first':>12s}{'last':>12s}{'change':>10s}"]
     for k, (first, last) in summary["losses"].items():
         change = f"{100 * (last - first) / abs(first):+.1f}%" if first else "n/a"
+        if finite_rows.get(k, 2) < 2:  # first and last are the same row
+            change = "—"
         lines.append(f"{k:16s}{first:12.5g}{last:12.5g}{change:>10s}")
+    lines += [f"{k:16s}{'—':>12s}{'—':>12s}{'—':>10s}" for k, n in finite_rows.items() if n == 0]
+    if skipped:
+        lines.append(f"skipped steps: {skipped} of {steps} (non-finite loss or gradient)")
     minutes, secs = divmod(int(round(seconds)), 60)
     lines.append(
         f"steps {steps} (skipped {skipped})   time {minutes}m{secs:02d}s   throughput {images_per_s:.1f} img/s"

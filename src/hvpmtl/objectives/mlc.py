@@ -18,6 +18,7 @@ from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 FOCUSING = {"paper": (4.0, 1.0), "asl": (0.0, 4.0)}  # (gamma_pos, gamma_neg)
+REDUCTIONS = ("per_image", "global_sum", "mean")
 
 
 @dataclass
@@ -36,7 +37,12 @@ class MLCConfig:
     gamma_pos: float | None = None  # explicit values override ``focusing``
     gamma_neg: float | None = None
     clip: float = 0.0  # ASL's probability margin m on negatives (0.05 in ASL); 0 = off
-    reduction: str = "sum"  # "sum" over classes and images (ASL's reference), or "mean"
+    # "per_image": sum over classes, mean over images, times ``sum_images`` -- ASL's and Query2Label's
+    # per-GPU sum averaged by DDP over the paper's 16 images per GPU, so alpha_1 means the same at
+    # any batch size and process count | "global_sum": summed over the whole global batch (alpha_1's
+    # pull grows with the batch) | "mean": over classes and images
+    reduction: str = "per_image"
+    sum_images: float = 16.0  # the paper's images per GPU (batch 1024 on 64 GPUs)
     # ASL's reference detaches the focusing weights (1-p)^g+ and p_m^g- (disable_torch_grad_focal_loss,
     # kept by Query2Label's commands); off = Eq. (1) differentiated as written (1.4-3.1x the gradient)
     detach_focusing: bool = False
@@ -44,8 +50,10 @@ class MLCConfig:
     def validate(self, prefix: str = "") -> None:
         if self.focusing not in FOCUSING:
             raise ValueError(f"{prefix}.focusing: expected one of {sorted(FOCUSING)}, got '{self.focusing}'")
-        if self.reduction not in ("sum", "mean"):
-            raise ValueError(f"{prefix}.reduction: expected 'sum' or 'mean', got '{self.reduction}'")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"{prefix}.reduction: expected one of {REDUCTIONS}, got '{self.reduction}'")
+        if not self.sum_images > 0:
+            raise ValueError(f"{prefix}.sum_images={self.sum_images} must be > 0")
         if self.dim % self.num_heads or self.dim % 4:
             raise ValueError(f"{prefix}.dim={self.dim} must be divisible by num_heads and by 4")
 
@@ -148,8 +156,8 @@ def weighted_asymmetric_loss(
 
     ``p = sigmoid(logits)``; ``p_m = max(p - clip, 0)`` is ASL's probability shift (``clip=0``:
     ``p_m = p``). ``detach_focusing``: the weights ``(1-p)^g+`` and ``p_m^g-`` carry no gradient
-    (ASL's reference). Computed in fp32. ``logits, targets: B x C``; returns the sum (or mean)
-    over images and classes.
+    (ASL's reference). Computed in fp32. ``logits, targets: B x C``; ``reduction``: ``sum`` over
+    images and classes, ``per_image`` (sum over classes, mean over images) or ``mean``.
     """
     x = logits.float()
     y = targets.float()
@@ -165,4 +173,6 @@ def weighted_asymmetric_loss(
     loss_pos = eta * w_pos * F.logsigmoid(x)
     loss_neg = w_neg * log_neg
     loss = -(y * loss_pos + (1.0 - y) * loss_neg)
+    if reduction == "per_image":
+        return loss.sum(1).mean()
     return loss.sum() if reduction == "sum" else loss.mean()

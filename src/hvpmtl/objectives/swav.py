@@ -2,8 +2,8 @@
 
 Head: projection MLP -> L2-normalised feature ``z`` -> dot products with ``K`` L2-normalised
 prototypes (a bias-free linear layer re-normalised every step, frozen for the first iterations).
-Codes come from Sinkhorn-Knopp over the (global) batch, run in fp32 without gradient; the
-exponent's input is clamped at ``T_max`` (the paper's fix for overflow in ``exp(score / eps)``).
+Codes come from Sinkhorn-Knopp over the (global) batch, run in fp32 without gradient, guarded
+against overflow in ``exp(score / eps)`` by the paper's clamp at ``T_max`` or in the log domain.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class SwAVConfig:
     def validate(self, prefix: str = "") -> None:
         if self.stabilize not in STABILIZERS:
             raise ValueError(f"{prefix}.stabilize: expected one of {STABILIZERS}, got '{self.stabilize}'")
+        if self.sinkhorn_iters < 1:
+            raise ValueError(f"{prefix}.sinkhorn_iters={self.sinkhorn_iters} must be >= 1")
         if self.head_norm not in ("bn", "ln", "none"):
             raise ValueError(f"{prefix}.head_norm: expected 'bn', 'ln' or 'none', got '{self.head_norm}'")
 
@@ -76,6 +78,12 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def _global_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log sum exp`` over ``dim`` of the global batch (all-reduce max, then sum), keepdim."""
+    m = _all_reduce(x.amax(dim=dim, keepdim=True).clone(), dist.ReduceOp.MAX)
+    return m + torch.log(_all_reduce((x - m).exp().sum(dim=dim, keepdim=True)))
+
+
 @torch.no_grad()
 def sinkhorn(
     scores: torch.Tensor,
@@ -86,19 +94,27 @@ def sinkhorn(
 ) -> torch.Tensor:
     """Equal-partition codes ``Q`` (``B x K``, rows sum to 1) for prototype ``scores`` (``B x K``).
 
-    SwAV Alg. 1 with the paper's truncation: ``Q = exp(min(scores / eps, T_max))``, then
-    alternate normalisation so that each prototype receives ``B/K`` of the batch and each image
-    a distribution. Under an initialised process group every sum runs over the global batch
-    (all-reduce), so N processes with batch B give the codes one process with batch N*B gives.
+    SwAV Alg. 1: ``Q = exp(scores / eps)``, then alternate normalisation so that each prototype
+    receives ``B/K`` of the batch and each image a distribution. ``stabilize``:
+    ``truncate`` (the paper's guard): ``exp(min(scores / eps, T_max))``;
+    ``max_shift``: the same iterations in the log domain (max-shifted log-sum-exp), which gives
+    SwAV's codes exactly and can neither overflow nor underflow at any ``eps``;
+    ``none``: SwAV's plain version (overflows once ``scores / eps > 88`` in fp32).
+    Under an initialised process group every sum runs over the global batch (all-reduce), so
+    N processes with batch B give the codes one process with batch N*B gives.
     """
     logits = scores.float() / epsilon
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    num_protos, batch = logits.shape[1], logits.shape[0] * world
+    if stabilize == "max_shift":
+        log_q = logits  # B x K; the first global normalisation cancels in the first prototype step
+        for _ in range(iterations):
+            log_q = log_q - _global_logsumexp(log_q, dim=0) - math.log(num_protos)
+            log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(batch)
+        return (log_q + math.log(batch)).exp()
     if stabilize == "truncate":
         logits = logits.clamp(max=t_max)
-    elif stabilize == "max_shift":
-        logits = logits - _all_reduce(logits.max().clone(), dist.ReduceOp.MAX)
     q = torch.exp(logits).t()  # K x B
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    num_protos, batch = q.shape[0], q.shape[1] * world
     q /= _all_reduce(q.sum())
     for _ in range(iterations):
         q /= _all_reduce(q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K

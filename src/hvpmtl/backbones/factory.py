@@ -1,0 +1,109 @@
+"""From a backbone config to a timm model: the family's adapter, timm's keyword arguments, and an
+early check that builds the model on PyTorch's meta device (no memory, no initialisation cost) so
+that a wrong argument or an impossible size is reported while the config loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import timm
+import torch
+
+from hvpmtl.backbones.base import MaskedBackbone
+from hvpmtl.backbones.swin import MaskedSwin
+from hvpmtl.backbones.vit import MaskedViT
+
+if TYPE_CHECKING:
+    from hvpmtl.backbones import BackboneConfig
+
+FAMILIES: dict[str, type[MaskedBackbone]] = {
+    "timm.models.vision_transformer": MaskedViT,
+    "timm.models.swin_transformer": MaskedSwin,
+}
+# timm arguments the config sets through its own fields (None: hvpmtl fixes the value itself)
+OWN_FIELDS = {"img_size": "img_size", "drop_path_rate": "drop_path_rate", "num_classes": None, "pretrained": None}
+
+
+@dataclass(frozen=True)
+class BackboneShape:
+    """Pixels per token of the patch embedding and per cell of the last-stage feature map."""
+
+    patch_size: int
+    reduction: int
+
+
+_shapes: dict[str, BackboneShape] = {}
+
+
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def adapter_for(name: str, prefix: str = "backbone") -> type[MaskedBackbone]:
+    """The masking adapter of timm model ``name``'s family, or ``ValueError`` naming the key."""
+    module = timm.models.model_entrypoint(name).__module__
+    if module not in FAMILIES:
+        raise ValueError(
+            f"{_key(prefix, 'name')}: '{name}' comes from {module}; supported families are "
+            "timm's vision_transformer (ViT) and swin_transformer (Swin)"
+        )
+    return FAMILIES[module]
+
+
+def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
+    """Keyword arguments for ``timm.create_model(cfg.name, ...)``: no classifier, the config's sizes."""
+    kwargs = dict(cfg.kwargs)
+    kwargs.update(img_size=cfg.img_size, num_classes=0, drop_path_rate=cfg.drop_path_rate)
+    if cfg.patch_size is not None:
+        kwargs["patch_size"] = cfg.patch_size
+    if cfg.window_size is not None:
+        kwargs["window_size"] = cfg.window_size
+    return kwargs
+
+
+def check_timm_kwargs(cfg: BackboneConfig, prefix: str = "backbone") -> None:
+    """Every ``kwargs`` entry must be an argument of the timm model's constructor (or of
+    ``timm.create_model``) with a value of its annotated type; raise naming ``<prefix>.kwargs.<key>``."""
+    from hvpmtl.config import coerce_value
+
+    model_class = adapter_for(cfg.name, prefix).timm_class
+    params = inspect.signature(model_class.__init__).parameters
+    create_params = set(inspect.signature(timm.create_model).parameters) - {"model_name", "pretrained", "kwargs"}
+    valid = sorted((set(params) - {"self"} | create_params) - set(OWN_FIELDS))
+    for name, value in cfg.kwargs.items():
+        key = _key(prefix, f"kwargs.{name}")
+        if name in OWN_FIELDS:
+            field = OWN_FIELDS[name]
+            why = f"set {_key(prefix, field)} instead" if field else "hvpmtl sets it itself; remove it"
+            raise ValueError(f"{key}: {why}")
+        if name not in valid:
+            close = difflib.get_close_matches(str(name), valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+            raise ValueError(f"{key}: not an argument of timm's {model_class.__name__} ({hint})")
+        annotation = params[name].annotation if name in params else inspect.Parameter.empty
+        if annotation is not inspect.Parameter.empty and not isinstance(annotation, str):
+            coerce_value(value, annotation, key)
+
+
+def probe_backbone(cfg: BackboneConfig, prefix: str = "backbone") -> BackboneShape:
+    """Build ``cfg``'s model and adapter on the meta device and return its patch size and
+    reduction; a model timm cannot build raises ``ValueError`` naming ``prefix``. Cached."""
+    cache_key = repr((cfg.name, cfg.img_size, cfg.patch_size, cfg.window_size, cfg.drop_path_rate,
+                      sorted(cfg.kwargs.items(), key=lambda item: str(item[0]))))  # fmt: skip
+    if cache_key not in _shapes:
+        adapter = adapter_for(cfg.name, prefix)
+        kwargs = timm_kwargs(cfg)
+        try:
+            with torch.device("meta"):
+                backbone = adapter(timm.create_model(cfg.name, pretrained=False, **kwargs))
+        except Exception as err:  # any failure here comes from the config's values
+            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "num_classes")
+            raise ValueError(
+                f"{prefix or 'backbone'}: timm cannot build {cfg.name} with {shown}: {type(err).__name__}: {err}"
+            ) from err
+        _shapes[cache_key] = BackboneShape(int(backbone.patch_size), int(backbone.reduction))
+    return _shapes[cache_key]
