@@ -190,8 +190,7 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state, self._resume_state = self._resume_state or ckpt_io.load_checkpoint(path), None
-        old, new = _flat(state.get("config", {})), _flat(to_dict(self.cfg))
-        changed = sorted(k for k in new if k in old and old[k] != new[k] and not k.startswith("train."))
+        changed = run_io.changed_config_keys(state.get("config", {}), to_dict(self.cfg))
         ckpt_io.check_fits(state["model"], self.model, path, changed)
         if changed and self.env.is_main:
             print(f"warning: resuming {path} with a changed config: {', '.join(changed)}")
@@ -401,13 +400,3 @@ def _to_device(batch: dict, device: torch.device) -> dict:
             out[k] = v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
     return out
 
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k != "kwargs":
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out

@@ -230,3 +230,20 @@ def open_run_dir(run_dir: Path, overwrite: bool) -> None:
         print(f"train.overwrite=true: removed the previous run's {', '.join(removed)} from {run_dir}")
     if stale := remove_stale_tmp(run_dir):
         print(f"removed {len(stale)} temporary file(s) left by interrupted writes: {', '.join(stale)}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "kwargs":
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def changed_config_keys(saved: dict, current: dict) -> list[str]:
+    """Dotted keys (``train.*`` aside) whose value differs between a checkpoint's config and this run's."""
+    old, new = _flat(saved), _flat(current)
+    return sorted(k for k in new if k in old and old[k] != new[k] and not k.startswith("train."))
