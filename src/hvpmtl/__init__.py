@@ -21,9 +21,18 @@ __version__ = "0.1.0"
 __all__ = ["HVPMTL", "Config", "ConfigError", "MaskGenerator", "build", "load_config", "mask_generator", "save_config"]
 
 
-def build(cfg: Config, num_classes: int | None = None) -> HVPMTL:
-    """The model a config describes; ``num_classes`` defaults to ``cfg.data.num_classes``."""
-    return HVPMTL(cfg.backbone, cfg.tasks, num_classes if num_classes is not None else cfg.data.num_classes)
+def build(cfg: Config, num_classes: int | None = None, init_weights: bool = True) -> HVPMTL:
+    """The model a config describes; ``num_classes`` defaults to ``cfg.data.num_classes``.
+
+    With ``init_weights`` the backbone starts from ``backbone.pretrained``, ``pretrained_file`` or
+    ``init_from`` when one is set, and the EMA teacher from a copy of it; pass ``False`` when other
+    weights are loaded next (resuming a checkpoint)."""
+    from hvpmtl.backbones import load_start_weights
+
+    model = HVPMTL(cfg.backbone, cfg.tasks, num_classes if num_classes is not None else cfg.data.num_classes)
+    if init_weights and load_start_weights(model.backbone, cfg.backbone) is not None and model.teacher is not None:
+        model.teacher["backbone"].load_state_dict(model.backbone.state_dict())
+    return model
 
 
 def mask_generator(cfg: Config) -> MaskGenerator:

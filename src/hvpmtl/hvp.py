@@ -1,7 +1,9 @@
 """HVPMTL: one backbone, four objectives in one step (Fig. 2 and Eq. (6) of the paper).
 
-``L = a1 (L+ + L-) + a2 L_cl + a3 L_mim + a4 L_mom``. A task whose weight is 0 is not built:
-its head, its loss and (for MD) the teacher do not exist, which is how the ablations run.
+``L = a1 (L+ + L-) + a2 L_cl + a3 L_mim + a4 L_mom``. The objectives are plug-ins
+(:mod:`hvpmtl.objectives.base`): the model builds every registered objective whose weight is > 0
+(plus those it requires: MD needs MLC's decoder), so a task whose weight is 0 has no head, no loss
+and (for MD) no teacher, which is how the ablations run.
 
 The student runs each needed (view, masked?) pair through the backbone once, all pairs in one
 batched call. With the default routing these are two passes per image: the masked view serves
@@ -11,19 +13,15 @@ reads the same clean view.
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
 from hvpmtl.backbones import BackboneConfig, build_backbone
-from hvpmtl.objectives.distill import ema_update, image_embedding, label_similarity, symmetric_kl
-from hvpmtl.objectives.mim import SimMIMDecoder, masked_l1_loss
-from hvpmtl.objectives.mlc import Query2LabelDecoder, weighted_asymmetric_loss
-from hvpmtl.objectives.swav import SwAVHead, swav_loss
+from hvpmtl.objectives import Objective, Step, ViewPlan, objective_types
 
-TASKS = ("mlc", "swav", "mim", "distill")
+TASKS = ("mlc", "swav", "mim", "distill")  # the paper's four, built in; HVPMTL composes every registered one
 
 
 class HVPMTL(nn.Module):
@@ -31,48 +29,48 @@ class HVPMTL(nn.Module):
 
     Args:
         backbone: timm backbone config.
-        tasks: a ``TasksConfig`` (the four objectives and the view routing).
+        tasks: a ``TasksConfig`` (one block per registered objective, and the view routing).
         num_classes: label vocabulary size ``C``; needed when MLC or MD is on.
 
     ``forward(batch)`` takes ``{"views": [v0, v1] (each B x 3 x H x W, normalised),
     "mask": B x h x w bool (SimMIM units), "labels": B x C multi-hot}`` and returns
     ``{"loss": total, "loss_<task>": unweighted part, ...}``. Call :meth:`after_step` after
-    each optimiser step.
+    each optimiser step. The heads are attributes named by their objectives (``mlc``, ``swav``,
+    ``mim``, ``teacher``), None while off.
     """
 
     def __init__(self, backbone: BackboneConfig, tasks: Any, num_classes: int | None = None):
         super().__init__()
         self.tasks_cfg = tasks
-        self.weights = {t: float(getattr(tasks, t).weight) for t in TASKS if getattr(tasks, t).weight > 0}
         self.routing = tasks.routing
         if self.routing.masked_view not in (0, 1):
             raise ValueError(f"tasks.routing.masked_view={self.routing.masked_view} must be 0 or 1")
+        types = objective_types()
+        self.weights = {n: float(getattr(tasks, n).weight) for n in types if getattr(tasks, n).weight > 0}
         if not self.weights:
-            raise ValueError("every task weight is 0: enable at least one of tasks.{mlc,swav,mim,distill}")
+            raise ValueError(f"every task weight is 0: enable at least one of tasks.{{{','.join(types)}}}")
+        needed = set(self.weights)
+        for name in reversed(types):  # registration order puts what an objective requires before it
+            if name in needed:
+                needed |= set(types[name].requires)
+        # plain dict, not a module: objectives hold configs; their modules are this model's attributes
+        self.objectives: dict[str, Objective] = {n: c(getattr(tasks, n)) for n, c in types.items() if n in needed}
         self.backbone = build_backbone(backbone)
-        d0 = self.backbone.num_features
-        self.mlc = self.swav = self.mim = self.teacher = None
-        if "mlc" in self.weights or "distill" in self.weights:
-            if not num_classes:
-                raise ValueError("num_classes (data.num_classes) must be set when tasks.mlc or tasks.distill is on")
-            self.mlc = Query2LabelDecoder(d0, num_classes, tasks.mlc)
-        if "swav" in self.weights:
-            self.swav = SwAVHead(d0, tasks.swav)
-        if "mim" in self.weights:
-            self.mim = SimMIMDecoder(d0, self.backbone.reduction)
-        if "distill" in self.weights:
-            self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(self.backbone), "mlc": copy.deepcopy(self.mlc)})
-            self.teacher.requires_grad_(False)
-            self.teacher.eval()
+        for cls in types.values():
+            for attr in cls.modules:
+                if hasattr(HVPMTL, attr):
+                    raise ValueError(f"objective {cls.name!r}: module name {attr!r} is an HVPMTL attribute")
+                setattr(self, attr, None)
+        for name, objective in self.objectives.items():  # registration order: the initial weights depend on it
+            modules = objective.build(self, num_classes)
+            if set(modules) != set(objective.modules):
+                raise ValueError(f"objective {name!r}: build() gave {sorted(modules)}, declared {objective.modules}")
+            for attr, module in modules.items():
+                setattr(self, attr, module)
+        self.forward_order = _forward_order(self.objectives)
         self.iteration = 0  # optimiser steps taken; persisted through get/set_extra_state
 
     # ------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> HVPMTL:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # the teacher never uses dropout / drop path
-        return self
-
     def get_extra_state(self) -> dict:
         return {"iteration": self.iteration}
 
@@ -83,38 +81,35 @@ class HVPMTL(nn.Module):
     def summed_losses(self) -> set[str]:
         """Loss keys summed (not averaged) over images: under data parallelism and gradient
         accumulation the engine rescales these so the gradient is the whole batch's."""
-        on = "mlc" in self.weights and self.tasks_cfg.mlc.reduction == "global_sum"
-        return {"loss_mlc"} if on else set()
+        return {f"loss_{n}" for n in self.weights if self.objectives[n].sums_over_images}
+
+    @property
+    def logged_extras(self) -> tuple[str, ...]:
+        """Output keys besides the losses that the training loop logs (``swav_collapse``)."""
+        return tuple(k for n in self.weights for k in self.objectives[n].logged)
 
     @property
     def has_unused_parameters(self) -> bool:
-        """True when some trainable parameter gets no gradient (MLC's read-out when only MD uses
-        the decoder); DDP then needs ``find_unused_parameters``."""
-        return self.mlc is not None and "mlc" not in self.weights
-
-    @torch.no_grad()
-    def update_teacher(self) -> None:
-        """EMA step ``t <- m t + (1 - m) s`` (parameters only, ALBEF)."""
-        if self.teacher is not None:
-            teacher = [*self.teacher["backbone"].parameters(), *self.teacher["mlc"].parameters()]
-            student = [*self.backbone.parameters(), *self.mlc.parameters()]
-            ema_update(teacher, student, self.tasks_cfg.distill.momentum)
+        """True when some trainable parameter gets no gradient: an objective built only for
+        another's use (MLC's read-out when only MD uses the decoder); DDP then needs
+        ``find_unused_parameters``."""
+        return any(n not in self.weights for n in self.objectives)
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """The one call after each optimiser step: EMA teacher update, SwAV prototypes back onto
-        the unit sphere (SwAV normalises them before every step), iteration count + 1."""
-        self.update_teacher()
-        if self.swav is not None:
-            self.swav.normalize_prototypes()
+        """The one call after each optimiser step: each objective's update (EMA teacher, SwAV
+        prototypes back onto the unit sphere), iteration count + 1."""
+        for objective in self.objectives.values():
+            objective.after_step(self)
         self.iteration += 1
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Trainable parameters split into decayed (>= 2-D weights) and not decayed (norms,
-        biases, tokens, position and label embeddings)."""
-        skip = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
-        if self.mlc is not None:
-            skip |= {f"mlc.{n}" for n in self.mlc.no_weight_decay()}
+        biases, tokens, position and label embeddings: a module's ``no_weight_decay()``)."""
+        skip = set()
+        for prefix, module in self.named_children():
+            if hasattr(module, "no_weight_decay"):
+                skip |= {f"{prefix}.{n}" for n in module.no_weight_decay()}
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -124,17 +119,16 @@ class HVPMTL(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def _inputs(self) -> dict[str, tuple[int, bool]]:
-        """Which (view index, masked?) each consumer reads, from the routing config."""
-        r, has_mim = self.routing, "mim" in self.weights
-        m, c = r.masked_view, 1 - r.masked_view
-        need = {}
-        if has_mim:
-            need["mim"] = (m, True)
-        if self.mlc is not None:
-            need["mlc"] = (m, has_mim) if r.mlc_masked else (c, False)
-        if self.swav is not None:
-            need["swav_a"] = (m, has_mim and r.swav_masked)
-            need["swav_b"] = (c, False)
+        """Which (view index, masked?) each objective input reads, from the routing config."""
+        m = self.routing.masked_view
+        masking = any(o.masks_pixels for o in self.objectives.values())
+        plan = ViewPlan(masked_view=m, clean_view=1 - m, masking=masking, routing=self.routing)
+        need: dict[str, tuple[int, bool]] = {}
+        for name, objective in self.objectives.items():
+            for key, pair in objective.inputs(plan).items():
+                if key in need:
+                    raise ValueError(f"objective {name!r}: input name {key!r} is used by another objective")
+                need[key] = pair
         return need
 
     def _encode(self, views, mask, keys: list[tuple[int, bool]]) -> dict:
@@ -144,7 +138,8 @@ class HVPMTL(nn.Module):
         full_mask = None
         if any(masked for _, masked in keys):
             if mask is None:
-                raise ValueError("batch['mask'] is required when tasks.mim is on")
+                users = ",".join(n for n, o in self.objectives.items() if o.masks_pixels)
+                raise ValueError(f"batch['mask'] is required when tasks.{users} is on")
             none = torch.zeros_like(mask)
             full_mask = torch.cat([mask if masked else none for _, masked in keys])
         fmap, pooled = self.backbone(x, full_mask)
@@ -152,54 +147,22 @@ class HVPMTL(nn.Module):
         return {k: (fmap[i * B : (i + 1) * B], pooled[i * B : (i + 1) * B]) for i, k in enumerate(keys)}
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        views, mask, labels = batch["views"], batch.get("mask"), batch.get("labels")
+        views, mask = batch["views"], batch.get("mask")
         need = self._inputs()
-        feats = self._encode(views, mask, list(need.values()))
+        step = Step(views, mask, batch.get("labels"), need, self._encode(views, mask, list(need.values())),
+                    self.iteration)  # fmt: skip
         losses: dict[str, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
-
-        if self.mlc is not None:
-            fmap, _ = feats[need["mlc"]]
-            logits, h, memory = self.mlc(fmap)
-            out["logits"] = logits.detach()
-            if "mlc" in self.weights:
-                if labels is None:
-                    raise ValueError("batch['labels'] (B x C multi-hot) is required when tasks.mlc is on")
-                c = self.tasks_cfg.mlc
-                gp, gn = c.gammas
-                reduction = {"global_sum": "sum"}.get(c.reduction, c.reduction)
-                loss = weighted_asymmetric_loss(logits, labels, c.eta, gp, gn, c.clip, reduction, c.detach_focusing)
-                losses["mlc"] = loss * c.sum_images if c.reduction == "per_image" else loss
-            if "distill" in self.weights:
-                losses["distill"] = self._distill(views, mask, h, memory)
-
-        if self.swav is not None:
-            (_, pa), (_, pb) = feats[need["swav_a"]], feats[need["swav_b"]]
-            frozen = self.iteration < self.tasks_cfg.swav.freeze_prototypes_iters
-            scores, _ = self.swav(torch.cat([pa, pb]), freeze_prototypes=frozen)
-            sa, sb = scores.chunk(2)
-            losses["swav"], out["swav_collapse"] = swav_loss(sa, sb, self.tasks_cfg.swav)
-
-        if self.mim is not None:
-            fmap, _ = feats[need["mim"]]
-            recon = self.mim(fmap)
-            losses["mim"] = masked_l1_loss(recon, views[self.routing.masked_view], mask)
-
+        for name in self.forward_order:
+            result = dict(self.objectives[name].forward(self, step, name in self.weights))
+            if name in self.weights:
+                if "loss" not in result:
+                    raise ValueError(f"objective {name!r}: forward() returned no 'loss' (keys: {sorted(result)})")
+                losses[name] = result.pop("loss")
+            out.update(result)
         out["loss"] = sum(self.weights[t] * v for t, v in losses.items())
         out.update({f"loss_{t}": v for t, v in losses.items()})
         return out
-
-    def _distill(self, views, mask, h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        cfg = self.tasks_cfg.distill
-        view, masked = self._inputs()["mlc"]
-        with torch.no_grad():
-            t_fmap, _ = self.teacher["backbone"](views[view], mask if masked else None)
-            _, t_h, t_memory = self.teacher["mlc"](t_fmap)
-            g_t = image_embedding(t_h, t_memory, cfg.embedding)
-        g = image_embedding(h, memory, cfg.embedding)
-        q0 = self.mlc.label_embed.weight
-        q0_t = q0.detach() if cfg.teacher_queries == "student" else self.teacher["mlc"].label_embed.weight
-        return symmetric_kl(label_similarity(g, q0, cfg.temperature), label_similarity(g_t, q0_t, cfg.temperature))
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -208,3 +171,21 @@ class HVPMTL(nn.Module):
             raise RuntimeError("tasks.mim is off: there is no MIM decoder")
         fmap, _ = self.backbone(images, mask)
         return self.mim(fmap)
+
+
+def _forward_order(objectives: dict[str, Objective]) -> list[str]:
+    """Registration order, except that an objective runs right after the last of those it
+    requires (MD right after MLC, whose decoder output it reads)."""
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order or any(r not in order for r in objectives[name].requires):
+            return
+        order.append(name)
+        for other, objective in objectives.items():
+            if name in objective.requires:
+                visit(other)
+
+    for name in objectives:
+        visit(name)
+    return order

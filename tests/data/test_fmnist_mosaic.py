@@ -50,3 +50,24 @@ def test_missing_files_name_the_path(tmp_path: Path):
         build_dataset(DataConfig(dataset="fmnist-mosaic", root=str(tmp_path)), 64)
     with pytest.raises(FileNotFoundError, match="data.root: folder not found"):
         build_dataset(DataConfig(dataset="fmnist-mosaic", root=str(tmp_path / "nope")), 64)
+
+
+@needs_files
+def test_items_at_the_mosaic_scale_are_the_raw_item_centred_on_black():
+    from hvpmtl.data import FashionMNISTItems
+    from hvpmtl.data.fmnist import load_fashion_mnist
+
+    raw = torch.from_numpy(load_fashion_mnist(DEFAULT_ROOT, "test")[0][:3].copy())
+    cfg = DataConfig(dataset="fmnist", train_size=3, val_size=3, item_scale=0.5)
+    items = build_dataset(cfg, 56, "val")
+    for i in range(3):
+        image = items[i]["image"]
+        assert image.shape == (3, 56, 56)
+        assert torch.equal(image[0, 14:42, 14:42], raw[i])  # native 28 px, no resampling
+        border = image.clone()
+        border[:, 14:42, 14:42] = 0
+        assert not border.any()
+    whole = FashionMNISTItems(DEFAULT_ROOT, "val", 3, 28)[1]["image"]
+    assert torch.equal(whole[0], raw[1])  # scale 1 at 28 px: the item itself
+    with pytest.raises(ValueError, match="data.item_scale"):
+        DataConfig(dataset="fmnist", item_scale=1.5).validate("data")

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hvpmtl.engine.distributed import GlobalBatchNorm, convert_global_batchnorm
+from hvpmtl.engine.faults import inject
 from hvpmtl.engine.metrics import read_metrics
 
 from .conftest import TINY, free_port, torchrun
@@ -132,8 +133,9 @@ def test_fsdp_checkpoint_resumes_in_one_process(single_run, tmp_path):
     from hvpmtl.cli import main
 
     out = tmp_path / "fsdp"
-    r = torchrun(2, ["pretrain", *COMMON, "train.max_steps=4", "train.stop_after=2", "train.ckpt_every=2",
-                     f"train.output_dir={out}", "dist.strategy=fsdp"])  # fmt: skip
+    with inject(stop_after=2):  # the ranks inherit the environment
+        r = torchrun(2, ["pretrain", *COMMON, "train.max_steps=4", "train.ckpt_every=2", f"train.output_dir={out}",
+                         "dist.strategy=fsdp"])  # fmt: skip
     assert r.returncode != 0 and "simulated crash after step 2" in r.stderr
     assert main(["pretrain", *COMMON, "train.max_steps=4", f"train.output_dir={out}", "train.resume=auto"]) == 0
     _compare(single_run, out)

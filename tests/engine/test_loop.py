@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from hvpmtl.engine.checkpoint import list_checkpoints, load_checkpoint
+from hvpmtl.engine.faults import inject
 from hvpmtl.engine.metrics import read_metrics
 
 from .conftest import TINY
@@ -41,7 +42,8 @@ def test_killed_run_resumes_exactly(run_cli, tmp_path, ckpt_every, crash):
     common = [*TINY, "data.train_size=64", "train.max_steps=12", f"train.ckpt_every={ckpt_every}", "train.log_every=1"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("pretrain", *common, f"train.output_dir={a}")[0] == 0
-    rc, _, err = run_cli("pretrain", *common, f"train.output_dir={b}", f"train.stop_after={crash}")
+    with inject(stop_after=crash):
+        rc, _, err = run_cli("pretrain", *common, f"train.output_dir={b}")
     assert rc == 1 and f"simulated crash after step {crash}" in err
     last = crash // ckpt_every * ckpt_every
     assert [s for s, _ in list_checkpoints(b)][-1] == last
@@ -77,8 +79,9 @@ def test_resume_from_path_continues_to_longer_run(run_cli, tmp_path):
 
 def test_nonfinite_steps_are_skipped_then_abort(run_cli, tmp_path):
     out = tmp_path / "run"
-    args = [*TINY, "train.max_steps=20", "train.nan_at_step=3", "train.max_bad_steps=4", f"train.output_dir={out}"]
-    rc, _, err = run_cli("pretrain", *args)
+    args = [*TINY, "train.max_steps=20", "train.max_bad_steps=4", f"train.output_dir={out}"]
+    with inject(nan_at_step=3):
+        rc, _, err = run_cli("pretrain", *args)
     assert rc == 1
     assert "4 consecutive steps had a non-finite loss" in err and "train.max_bad_steps=4" in err
     assert "step 4: non-finite loss or gradient, step skipped (1 in a row" in err
@@ -91,9 +94,10 @@ def test_skipped_step_leaves_weights_and_teacher_untouched(tmp_path):
     from hvpmtl.engine.distributed import DistEnv
     from hvpmtl.engine.loop import Trainer
 
-    overrides = [*TINY, "train.max_steps=3", f"train.output_dir={tmp_path}", "train.nan_at_step=1"]
+    overrides = [*TINY, "train.max_steps=3", f"train.output_dir={tmp_path}"]
     cfg = hvpmtl.load_config("cpu-tiny", overrides)
-    trainer = Trainer(cfg, DistEnv())
+    with inject(nan_at_step=1):
+        trainer = Trainer(cfg, DistEnv())
     trainer.sampler.set_epoch(0)
     batches = iter(trainer.loader)
     _, _, ok = trainer._train_step(batches)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import hvpmtl
 from hvpmtl.engine.checkpoint import list_checkpoints, load_checkpoint
 from hvpmtl.engine.distributed import DistEnv
+from hvpmtl.engine.faults import inject
 from hvpmtl.engine.loop import NonFiniteLossError, Trainer, pretrain
 from hvpmtl.engine.metrics import format_summary, summarize
 
@@ -56,8 +57,9 @@ def test_skipped_step_restores_every_buffer(tmp_path, accum_steps):
 
 def test_run_without_a_good_step_fails_and_exports_nothing(run_cli, tmp_path):
     out = tmp_path / "run"
-    args = [*FAST, "train.max_steps=3", "train.nan_at_step=0", "train.max_bad_steps=5", f"train.output_dir={out}"]
-    rc, stdout, err = run_cli("pretrain", *args)
+    args = [*FAST, "train.max_steps=3", "train.max_bad_steps=5", f"train.output_dir={out}"]
+    with inject(nan_at_step=0):
+        rc, stdout, err = run_cli("pretrain", *args)
     assert rc == 1
     line = err.strip().splitlines()[-1]
     assert line.startswith("error: no step succeeded (3 of 3 steps skipped") and "nothing exported" in line
@@ -80,9 +82,10 @@ def test_nonfinite_weights_fail_naming_the_tensor(tmp_path):
 
 def test_partly_skipped_run_succeeds_and_counts_skips(run_cli, tmp_path):
     out = tmp_path / "run"
-    args = [*FAST, "train.max_steps=3", "train.nan_at_step=1", "train.max_bad_steps=5", "train.ckpt_every=1",
+    args = [*FAST, "train.max_steps=3", "train.max_bad_steps=5", "train.ckpt_every=1",
             "train.keep_ckpts=0", f"train.output_dir={out}"]  # fmt: skip
-    rc, stdout, _ = run_cli("pretrain", *args)
+    with inject(nan_at_step=1):
+        rc, stdout, _ = run_cli("pretrain", *args)
     assert rc == 0
     assert "skipped steps: 2 of 3 (non-finite loss or gradient)" in stdout
     loss_line = next(line for line in stdout.splitlines() if line.startswith("loss_mlc"))
@@ -113,9 +116,10 @@ def test_summary_marks_changes_from_fewer_than_two_rows():
 @pytest.mark.slow
 def test_ddp_skipped_steps_keep_buffers(tmp_path):
     out = tmp_path / "run"
-    args = [*FAST, "train.max_steps=3", "train.nan_at_step=1", "train.max_bad_steps=5", "train.ckpt_every=1",
+    args = [*FAST, "train.max_steps=3", "train.max_bad_steps=5", "train.ckpt_every=1",
             "train.keep_ckpts=0", f"train.output_dir={out}"]  # fmt: skip
-    r = torchrun(2, ["pretrain", *args])
+    with inject(nan_at_step=1):  # the ranks inherit the environment
+        r = torchrun(2, ["pretrain", *args])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped steps: 2 of 3" in r.stdout
     weights = load_file(out / "model.safetensors")

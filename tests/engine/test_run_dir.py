@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from hvpmtl.engine import run_dir as rd
+from hvpmtl.engine.faults import inject
 from hvpmtl.engine.metrics import read_metrics
 
 from .conftest import TINY
@@ -128,7 +129,8 @@ def test_auto_resume_restarts_a_run_killed_before_its_first_checkpoint(run_cli, 
     out = tmp_path / "run"
     common = [*TINY, DEPTH1, "train.max_steps=3", "train.ckpt_every=100", "train.log_every=1"]
     common.append(f"train.output_dir={out}")
-    rc, _, _ = run_cli("pretrain", *common, "train.stop_after=1")
+    with inject(stop_after=1):
+        rc, _, _ = run_cli("pretrain", *common)
     assert rc != 0 and (out / "metrics.csv").exists() and not (out / "checkpoints").exists()
     rc, stdout, err = run_cli("pretrain", *common, "train.resume=auto")
     assert rc == 0, err

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
 from hvpmtl.cli import main
-from hvpmtl.eval.ablation import MIXES, Ablation, Evaluation, mean_std, mix_overrides
+from hvpmtl.eval.ablation import MIXES, Ablation, Evaluation, evaluations, mean_std, mix_overrides
 
 from .conftest import TINY_RUN
 
@@ -26,6 +27,18 @@ def test_mixes_switch_off_the_right_tasks():
     assert mix_overrides("no-swav") == ["tasks.swav.weight=0"]
     assert sorted(mix_overrides("mim")) == ["tasks.distill.weight=0", "tasks.mlc.weight=0", "tasks.swav.weight=0"]
     assert {m for m in MIXES if len(MIXES[m]) == 1} == {"no-mlc", "no-swav", "no-mim", "no-md"}  # Table 5
+
+
+def test_item_columns_show_items_at_the_mosaic_scale():
+    (probe,) = evaluations("synthetic", (10, 5), None)
+    assert probe.command == "linprobe" and not any("item_scale" in a for a in probe.args)
+    _, knn, item_probe = evaluations("fmnist-mosaic", (10, 5), (20, 8))
+    assert knn.command == "knn" and item_probe.command == "linprobe"
+    assert "data.item_scale=0.5" in knn.args and "data.item_scale=0.5" in item_probe.args
+    plan = Ablation(Path("abl"), None, [], ["full"], [0], [knn, item_probe])
+    assert "knn.feature=pixels" in plan.eval_args(knn, "pixels", 0)
+    assert "probe.feature=pixels" in plan.eval_args(item_probe, "pixels", 0)
+    assert "--random-init" in plan.eval_args(item_probe, "random", 0)
 
 
 def test_table_is_mean_and_sample_std_with_the_best_in_bold(tmp_path):
@@ -48,18 +61,20 @@ def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsy
             "--no-items", *TINY_RUN]
     rc, stdout, err = run(capsys, *args)
     assert rc == 0, err
-    assert stdout.count("$ hvpmtl pretrain") == 4 and stdout.count("$ hvpmtl linprobe") == 6
+    assert stdout.count("$ hvpmtl pretrain") == 4 and stdout.count("$ hvpmtl linprobe") == 8
     for seed in (0, 1):
         tasks = yaml.safe_load((out / f"mim-s{seed}" / "config.yaml").read_text())["tasks"]
         assert [tasks[t]["weight"] for t in ("mlc", "swav", "mim", "distill")] == [0, 0, 1.0, 0]
         assert yaml.safe_load((out / f"full-s{seed}" / "config.yaml").read_text())["train"]["seed"] == seed
     values = json.loads((out / "ablation.json").read_text())
-    assert set(values) == {"full", "mim", "random"}
+    assert set(values) == {"full", "mim", "random", "pixels"}
     column = "probe synthetic"
     assert all(len(v[column]) == 2 for v in values.values())
     assert values["random"][column][0] != values["random"][column][1]  # each seed starts from its own weights
+    assert values["pixels"][column][0] == values["pixels"][column][1]  # raw pixels: the seed plays no part
     table = (out / "ablation.md").read_text()
     assert "| all four (HVP-MTL) |" in table and "| random init |" in table and " ± " in table
+    assert "| raw pixels (no backbone) | " in table
 
     rc, stdout, err = run(capsys, *args)  # everything is there: nothing runs again
     assert rc == 0, err

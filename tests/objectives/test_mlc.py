@@ -115,3 +115,11 @@ def test_detaching_keeps_the_loss_value():
     y = (torch.rand(3, 5) > 0.5).float()
     a = weighted_asymmetric_loss(x, y, detach_focusing=True)
     assert a.item() == pytest.approx(weighted_asymmetric_loss(x, y).item(), rel=1e-6)
+
+
+def test_runs_saved_with_the_old_sum_reduction_still_load():
+    from hvpmtl.config import Config, from_dict
+
+    cfg = from_dict(Config, {"tasks": {"mlc": {"reduction": "sum"}}})
+    cfg.tasks.mlc.validate("tasks.mlc")
+    assert cfg.tasks.mlc.reduction == "global_sum"

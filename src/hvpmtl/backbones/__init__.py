@@ -5,10 +5,14 @@ adapter for its family. The adapter takes an optional boolean patch mask, replac
 embeddings by one learnable mask token before the Transformer blocks (SimMIM), and returns the
 last-stage feature map ``B x d0 x H x W`` and the pooled feature ``B x d0``. The config is checked
 when it loads: ``kwargs`` against the timm constructor, and the sizes by a build on the meta device.
+``build_backbone`` gives the random initialisation; the weights a run starts from (timm's cached
+pretrained weights, a local file, a previous run) are loaded by ``load_start_weights``
+(``backbones/pretrained.py``), never at config load.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import timm
@@ -22,6 +26,7 @@ from hvpmtl.backbones.factory import (
     probe_backbone,
     timm_kwargs,
 )
+from hvpmtl.backbones.pretrained import PARTS, SUFFIXES, load_start_weights, pretrained_cfg
 from hvpmtl.backbones.swin import MaskedSwin
 from hvpmtl.backbones.vit import MaskedViT
 
@@ -33,6 +38,7 @@ __all__ = [
     "MaskedSwin",
     "MaskedViT",
     "build_backbone",
+    "load_start_weights",
     "probe_backbone",
 ]
 
@@ -43,6 +49,13 @@ class BackboneConfig:
 
     ``kwargs`` go to ``timm.create_model`` unchanged (e.g. ``{depth: 4, embed_dim: 128}``); each
     must be an argument of the timm model's constructor, of its annotated type.
+
+    Start weights (at most one of ``pretrained``, ``pretrained_file``, ``init_from``; none: random
+    initialisation seeded by ``train.seed``) are loaded once, when a new run builds its model; the
+    EMA teacher starts as a copy of the loaded student. ``init_from`` starts a *new* run (step 0,
+    fresh optimiser, schedules and heads) from a previous run's backbone weights; ``--resume`` /
+    ``train.resume`` instead *continues* a run exactly from its checkpoint (weights, optimiser,
+    step, random state) and never reads the start weights again.
     """
 
     name: str = "vit_base_patch16_224"
@@ -52,6 +65,11 @@ class BackboneConfig:
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
     kwargs: dict = field(default_factory=dict)
+    pretrained: bool = False  # timm's weights for `name` from the local Hugging Face / torch hub cache (no download)
+    pretrained_file: str = ""  # a local timm state dict: .safetensors, or .pth/.pt/.bin (read weights-only)
+    # a previous hvpmtl run folder, checkpoint or *.safetensors: a new run from its weights (--resume continues one)
+    init_from: str = ""
+    init_from_part: str = "student"  # student | teacher: which backbone of init_from
 
     def validate(self, prefix: str = "") -> None:
         """Raise ``ValueError`` naming ``{prefix}.field`` for a value timm cannot build or that does
@@ -68,6 +86,7 @@ class BackboneConfig:
                 raise ValueError(f"{key(name)}={value}: must be positive")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"{key('drop_path_rate')}={self.drop_path_rate}: must be in [0, 1)")
+        self._validate_start(key)
         check_timm_kwargs(self, prefix)
         patch = probe_backbone(self, prefix).patch_size
         if self.img_size % patch:
@@ -78,9 +97,23 @@ class BackboneConfig:
                 raise ValueError(f"{key('kwargs.patch_size')}={patch}: must divide {size}")
             raise ValueError(f"{size}: must be a multiple of {self.name}'s patch size {patch}")
 
+    def _validate_start(self, key: Callable[[str], str]) -> None:
+        """The start-weight keys: one source at most, a known part, a readable suffix, weights timm
+        knows of (files are looked for only when the weights load: a run's config is also read elsewhere)."""
+        chosen = [name for name in ("pretrained", "pretrained_file", "init_from") if getattr(self, name)]
+        if len(chosen) > 1:
+            raise ValueError(f"{', '.join(key(n) for n in chosen)}: set one start for the weights, not {len(chosen)}")
+        if self.init_from_part not in PARTS:
+            raise ValueError(f"{key('init_from_part')}={self.init_from_part!r}: choose student or teacher")
+        if self.pretrained_file and not self.pretrained_file.endswith(SUFFIXES):
+            raise ValueError(f"{key('pretrained_file')}={self.pretrained_file}: expected one of {', '.join(SUFFIXES)}")
+        if self.pretrained and pretrained_cfg(self.name) is None:
+            raise ValueError(f"{key('pretrained')}=true: timm has no pretrained weights for '{self.name}'")
+
 
 def build_backbone(cfg: BackboneConfig) -> MaskedBackbone:
-    """Create ``cfg.name`` with timm (no pretrained weights, no classifier) and wrap it."""
+    """Create ``cfg.name`` with timm (random initialisation, no classifier) and wrap it; the start
+    weights of ``cfg`` are not loaded here (see :func:`load_start_weights`)."""
     adapter = adapter_for(cfg.name)
     model = timm.create_model(cfg.name, pretrained=False, **timm_kwargs(cfg))
     if cfg.grad_checkpointing:

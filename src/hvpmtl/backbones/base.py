@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
@@ -18,9 +20,12 @@ class MaskedBackbone(nn.Module):
         patch_size: pixels per token of the patch embedding (where the mask token is applied).
         reduction: pixels per cell of the last-stage feature map (the SimMIM decoder's stride).
         timm_class: the timm model class the adapter wraps (its constructor takes ``kwargs``).
+        checkpoint_filter: the timm family's ``checkpoint_filter_fn(state_dict, model)`` that adapts
+            pretrained weights (other formats, image, patch or window sizes); ``None``: none.
     """
 
     timm_class: type[nn.Module]
+    checkpoint_filter: Callable[[dict, nn.Module], dict] | None = None
     num_features: int
     patch_size: int
     reduction: int

@@ -25,7 +25,8 @@ FAMILIES: dict[str, type[MaskedBackbone]] = {
     "timm.models.swin_transformer": MaskedSwin,
 }
 # timm arguments the config sets through its own fields (None: hvpmtl fixes the value itself)
-OWN_FIELDS = {"img_size": "img_size", "drop_path_rate": "drop_path_rate", "num_classes": None, "pretrained": None}
+OWN_FIELDS = {"img_size": "img_size", "drop_path_rate": "drop_path_rate", "num_classes": None,
+              "pretrained": "pretrained", "pretrained_cfg_overlay": "pretrained_file"}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, checkpoint_filter_fn
 
 from hvpmtl.backbones.base import MaskedBackbone
 
@@ -17,6 +17,7 @@ class MaskedSwin(MaskedBackbone):
     """
 
     timm_class = SwinTransformer
+    checkpoint_filter = staticmethod(checkpoint_filter_fn)
 
     def __init__(self, model: SwinTransformer):
         super().__init__(model, model.embed_dim)

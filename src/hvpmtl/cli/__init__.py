@@ -2,9 +2,9 @@
 
 Pre-training: ``pretrain``, ``demo``, ``presets``, ``config``. Downstream evaluation of any run,
 checkpoint or backbone file: ``knn``, ``linprobe``, ``finetune``, ``detect``, ``segment``,
-``mlc-head``. Data: ``data export``. Ablations: ``ablate``. Configs are a preset name or a YAML path plus dotted
-``key=value`` overrides; a bad key, value, file or checkpoint stops the command at once with
-``error: ...`` on stderr and exit status 2.
+``mlc-head``. Data: ``data export``. Ablations: ``ablate``. Pictures: ``visualize``. Configs are a
+preset name or a YAML path plus dotted ``key=value`` overrides; a bad key, value, file or
+checkpoint stops the command at once with ``error: ...`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hvpmtl.cli import ablate, data, downstream
+    from hvpmtl.cli import ablate, data, downstream, noise_report, visualize
 
     parser = argparse.ArgumentParser(
         prog="hvpmtl",
@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     downstream.add_parsers(sub)
     data.add_parsers(sub, over)
     ablate.add_parsers(sub, over)
+    visualize.add_parsers(sub)
+    noise_report.add_parsers(sub)
     return parser
 
 

@@ -27,8 +27,11 @@ def inherited_data(weights, preset: str | None, overrides: list[str], preset_dir
     return {"data": {k: data[k] for k in keys if k in data}}
 
 
-def _who(args: argparse.Namespace) -> str:
-    return "random-init" if args.random_init else ("teacher" if args.teacher else "student")
+def _who(args: argparse.Namespace, weights=None) -> str:
+    """random-init, student or teacher (a teacher_backbone.safetensors SOURCE is the teacher without --teacher)."""
+    if args.random_init:
+        return "random-init"
+    return "teacher" if args.teacher or getattr(weights, "part", "") == "teacher" else "student"
 
 
 def split_source(items: list[str]) -> tuple[str | None, list[str]]:
@@ -59,7 +62,7 @@ def _prepare(command: str, args: argparse.Namespace):
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from err
     root = weights.run_dir or Path("runs") / f"random-init-{args.pretrain_config or 'cpu-tiny'}"
-    tag = f"{data_label(cfg.data).replace(' ', '-').replace('/', '-')}-{_who(args)}"
+    tag = f"{data_label(cfg.data).replace(' ', '-').replace('/', '-')}-{_who(args, weights)}"
     return weights, cfg, root, tag
 
 
@@ -163,7 +166,8 @@ def add_parsers(sub) -> None:
             help="run folder, checkpoint (.pt) or .safetensors file, then dotted config overrides",
         )
         p.add_argument("--config", "-c", help=f"{command} preset or YAML (hvpmtl presets lists them)")
-        p.add_argument("--teacher", action="store_true", help="evaluate the EMA teacher's backbone")
+        p.add_argument("--teacher", action="store_true",
+                       help="evaluate the EMA teacher's backbone (or give its teacher_backbone.safetensors)")
         p.add_argument("--random-init", action="store_true", help="the same backbone at its initialisation")
         p.add_argument("--pretrain-config", help="pre-training preset of --random-init without SOURCE")
         p.set_defaults(func=cmd_downstream)

@@ -5,11 +5,15 @@ Public entry points:
 * ``build_dataset(cfg_data, img_size, split="train")`` -> a data set with ``.classes`` whose
   items are dicts with at least ``image`` (uint8 ``3 x H x W``) and ``labels`` (float multi-hot
   ``C``); ``cfg_data.dataset`` picks ``synthetic``, ``manifest``, ``imagefolder``,
-  ``fmnist-mosaic`` or ``fmnist`` (single items, for downstream evaluation). Splits: ``train``,
-  ``val``, ``test``.
+  ``fmnist-mosaic`` or ``fmnist`` (single items, for downstream evaluation), or one of the users'
+  formats ``coco``, ``voc``, ``openimages``, ``tencent`` (``hvpmtl.data.formats``). Splits:
+  ``train``, ``val``, ``test``.
 * ``build_view_transform(cfg)`` and ``build_eval_transform(cfg)`` take the root
   ``hvpmtl.config.Config`` (they read ``cfg.backbone.img_size``, ``cfg.tasks.mim`` and
   ``cfg.data``).
+* ``data.augment_on=device``: ``build_view_transform`` gives ``TwoViewCrops`` (uint8 crops and
+  the other steps' parameters per sample) and ``DeviceViews(transform)(batch, device)`` finishes
+  a collated batch on the device.
 * ``build_pretrain_dataset(cfg, split)`` = ``PretrainViews(build_dataset(...),
   build_view_transform(cfg), seed=cfg.train.seed)``; batch it with ``collate_pretrain``. Images it
   skips (``data.on_bad_image=skip``) are listed in ``cfg.train.output_dir``;
@@ -22,7 +26,9 @@ Where each split comes from: generated sets (synthetic, fmnist-mosaic) use ``dat
 applied to the train split only; ``fmnist`` takes the first ``data.train_size`` (train) or
 ``data.val_size`` (val, test: the official test items) items, 0 meaning all; ``manifest``
 reads ``data.manifest`` (train) or ``data.val_manifest``; ``imagefolder`` reads
-``root/<split>`` when that folder exists, else ``root`` itself for train (and fails for val/test).
+``root/<split>`` when that folder exists, else ``root`` itself for train (and fails for val/test);
+the users' formats read ``data.annotations`` (train) or ``data.val_annotations``; ``shards``
+reads ``data.shards`` (train) or ``data.val_shards`` (``hvpmtl.data.shards``).
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from hvpmtl.data.config import DATASETS, DataConfig
+from hvpmtl.data.config import DATASETS, FORMATS, DataConfig
 from hvpmtl.data.decode import BadImageError
+from hvpmtl.data.device_views import DeviceViews, TwoViewCrops
 from hvpmtl.data.fmnist import DEFAULT_ROOT as FMNIST_ROOT
 from hvpmtl.data.fmnist import FashionMNISTItems, FashionMNISTMosaic
+from hvpmtl.data.formats import FormatImages, build_format_dataset
 from hvpmtl.data.manifest import ImageFiles, ImageFolderImages, ManifestImages, read_class_names, read_image
 from hvpmtl.data.masking import MaskGenerator, upsample_mask
 from hvpmtl.data.skipped import skipped_images_summary
@@ -54,6 +62,7 @@ __all__ = [
     "DATASETS",
     "BadImageError",
     "DataConfig",
+    "DeviceViews",
     "EvalImages",
     "EvalTransform",
     "FashionMNISTItems",
@@ -65,6 +74,7 @@ __all__ = [
     "PretrainViews",
     "SeededItems",
     "SyntheticScenes",
+    "TwoViewCrops",
     "TwoViewTransform",
     "build_dataset",
     "build_eval_transform",
@@ -141,13 +151,21 @@ def build_dataset(cfg_data: DataConfig, img_size: int, split: str = "train") -> 
             )
         try:
             if cfg.dataset == "fmnist":
-                ds = FashionMNISTItems(root, split, size, img_size)
+                ds = FashionMNISTItems(root, split, size, img_size, cfg.item_scale)
             else:
                 ds = FashionMNISTMosaic(root, split, size, img_size, cfg.seed, SPLITS[split], noise)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data.root: {err}") from err
     elif cfg.dataset == "manifest":
         ds = _manifest(cfg, split)
+    elif cfg.dataset in FORMATS:
+        ds = build_format_dataset(cfg, split, _vocabulary(cfg))
+    elif cfg.dataset == "shards":
+        from hvpmtl.data.shards import ShardImages, load_shard_index
+
+        key = "shards" if split == "train" else "val_shards"
+        index = load_shard_index(getattr(cfg, key), f"data.{key}", _vocabulary(cfg))
+        ds = ShardImages(index, cfg.on_bad_image, cfg.max_image_pixels)
     else:
         ds = _imagefolder(cfg, split)
     if cfg.num_classes is not None and cfg.num_classes != len(ds.classes):
@@ -156,9 +174,11 @@ def build_dataset(cfg_data: DataConfig, img_size: int, split: str = "train") -> 
 
 
 def build_view_transform(cfg: Any) -> TwoViewTransform:
-    """Two views and a SimMIM mask, from a root ``Config`` (backbone size, tasks.mim, data)."""
+    """Two views and a SimMIM mask, from a root ``Config`` (backbone size, tasks.mim, data); with
+    ``data.augment_on=device`` the worker half only (``TwoViewCrops``: crops and parameters)."""
     d, mim = cfg.data, cfg.tasks.mim
-    return TwoViewTransform(
+    kind = TwoViewCrops if d.augment_on == "device" else TwoViewTransform
+    return kind(
         cfg.backbone.img_size,
         mim.mask_patch_size,
         mim.mask_ratio,
@@ -182,8 +202,13 @@ def build_eval_transform(cfg: Any) -> EvalTransform:
     return EvalTransform(cfg.backbone.img_size, cfg.data.eval_crop_pct, cfg.data.mean, cfg.data.std)
 
 
-def build_pretrain_dataset(cfg: Any, split: str = "train") -> PretrainViews:
-    """``PretrainViews`` over ``build_dataset(cfg.data, ...)``, augmentations seeded by ``train.seed``."""
+def build_pretrain_dataset(cfg: Any, split: str = "train") -> Dataset:
+    """``PretrainViews`` over ``build_dataset(cfg.data, ...)``, augmentations seeded by ``train.seed``
+    (``data.dataset=shards``, train split: a streamed ``hvpmtl.data.shard_stream.ShardStream``)."""
+    if cfg.data.dataset == "shards" and split == "train":
+        from hvpmtl.data.shard_stream import pretrain_stream
+
+        return pretrain_stream(cfg, _vocabulary(cfg.data), build_view_transform(cfg))
     base = build_dataset(cfg.data, cfg.backbone.img_size, split)
     _check_tags(base, cfg)
     if isinstance(base, ImageFiles) and cfg.train.output_dir:
@@ -192,8 +217,14 @@ def build_pretrain_dataset(cfg: Any, split: str = "train") -> PretrainViews:
 
 
 def _check_tags(base: Dataset, cfg: Any) -> None:
-    """A manifest without a single tag cannot train the tasks that read tags (MLC, distillation)."""
+    """A manifest (or format) without a single tag cannot train the tasks that read tags (MLC, distillation)."""
     readers = [f"tasks.{t}" for t in ("mlc", "distill") if getattr(cfg.tasks, t).weight > 0]
+    if isinstance(base, FormatImages) and base.num_tagged == 0 and readers:
+        raise ValueError(
+            f"{base.annotations}: no tags: none of the {len(base)} images has a positive label, and "
+            f"{' and '.join(readers)} need tags (check data.min_confidence, data.voc_difficult, the vocabulary; "
+            f"or set {' '.join(r + '.weight=0' for r in readers)})"
+        )
     if isinstance(base, ManifestImages) and base.num_tagged == 0 and readers:
         raise ValueError(
             f"{base.manifest}: no tags: the 'labels' column is empty on all {len(base)} lines, and "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic", "fmnist")
+FORMATS = ("coco", "voc", "openimages", "tencent")  # readers in hvpmtl.data.formats
+DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic", "fmnist", *FORMATS, "shards")
 BAD_IMAGE_POLICIES = ("error", "skip")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -18,33 +19,51 @@ class DataConfig:
     The paper names the augmentations (random resized crop, colour jitter, random rotation,
     RandAugment) but not their strengths; the defaults below follow the methods it cites:
     crop scale (0.67, 1) and ratio (3/4, 4/3) from SimMIM (large crops keep most of an image's
-    tags true), RandAugment n2 m9, timm's colour jitter 0.4. Note: m9 here is on torchvision's
-    31-bin scale, i.e. 30 % of each op's maximum (9 degrees of rotation); SimMIM's timm policy
-    ``rand-m9-mstd0.5-inc1`` is 90 % (27 degrees). docs/method.md lists this gap.
+    tags true), RandAugment n2 m9 on timm's 0-10 scale with magnitude noise 0.5 (SimMIM's
+    ``rand-m9-mstd0.5``: 90 % of each op's maximum, e.g. 27 degrees of rotation), timm's colour
+    jitter 0.4. docs/method.md lists each choice.
     """
 
     dataset: str = "synthetic"  # synthetic | manifest | imagefolder | fmnist-mosaic | fmnist (single items)
+    # | coco | voc | openimages | tencent (users' formats) | shards (WebDataset tars, hvpmtl.data.shards)
     root: str = ""  # images' root folder (manifest, imagefolder) or IDX folder (fmnist-mosaic)
     manifest: str = ""  # train manifest (.csv or .jsonl); relative image paths are under root
     val_manifest: str = ""  # manifest of the val/test split
     classes: list[str] = field(default_factory=list)  # vocabulary; empty = sorted names in data
     classes_file: str = ""  # vocabulary as a file, one name per line (instead of classes)
     num_classes: int | None = None  # set from the data set when None; checked when given
-    check_files: bool = True  # manifest: every image file must exist at construction
+    check_files: bool = True  # manifest and formats: every image file must exist at construction
     on_bad_image: str = "error"  # error | skip (substitute the next sample, list the file in <run>/skipped_images.txt)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are bad images (decompression bombs); 0 = no limit
+
+    # users' formats (dataset coco | voc | openimages | tencent; layouts in hvpmtl.data.formats)
+    annotations: str = ""  # train split: instances_<split>.json | ImageSets/Main/<split>.txt | Open Images
+    # <split>-annotations-human-imagelabels.csv | Tencent image list; root = the images' (dataset) folder
+    val_annotations: str = ""  # the same for the val/test split
+    dictionary: str = ""  # openimages: class-descriptions CSV; tencent: dictionary file; "" = beside annotations
+    min_confidence: float = 0.5  # openimages, tencent: a label is a positive tag at this confidence or above
+    voc_difficult: str = "exclude"  # voc: exclude | include objects marked <difficult>1</difficult>
+    missing_images: str = "error"  # formats: error | drop listed images whose file is absent (check_files=true)
+
+    # shards (dataset shards; written by `hvpmtl data shard`, read as hvpmtl.data.shard_stream says)
+    shards: str = ""  # train split: folder with shards.json, that file, or a pattern dir/train-{000000..000009}.tar
+    val_shards: str = ""  # the same for the val/test split (read by random access)
+    shard_streams: int = 8  # pre-training reads an epoch as this many streams; a multiple of the processes
+    shard_shuffle: int = 1000  # samples per shuffle window of a stream (1 = read order)
 
     # generated data sets (synthetic, fmnist-mosaic)
     seed: int = 0  # which generated data set; augmentations are seeded by train.seed
     train_size: int = 10000
     val_size: int = 2000
     label_noise: float = 0.0  # train split only: drop each tag / add a spurious one with prob r
+    item_scale: float = 1.0  # fmnist: item side / image side (0.5 = the items' size in fmnist-mosaic)
 
     # loading
     batch_size: int = 64  # global batch, split over processes
     num_workers: int = 2
     pin_memory: bool = True
     persistent_workers: bool = True  # ignored when num_workers is 0
+    augment_on: str = "cpu"  # cpu | device: workers only crop (uint8); flip, jitter, rotation, RandAugment batched
 
     # views (SPEC: random resized crop, flip, colour jitter, rotation, RandAugment)
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -74,6 +93,9 @@ class DataConfig:
         check(self.dataset in DATASETS, "dataset", f"unknown (choose from {', '.join(DATASETS)})")
         check(self.on_bad_image in BAD_IMAGE_POLICIES, "on_bad_image", "must be 'error' or 'skip'")
         check(self.max_image_pixels >= 0, "max_image_pixels", "must be >= 0 (0 = no limit)")
+        check(0.0 <= self.min_confidence <= 1.0, "min_confidence", "must be in [0, 1]")
+        check(self.voc_difficult in ("exclude", "include"), "voc_difficult", "must be 'exclude' or 'include'")
+        check(self.missing_images in ("error", "drop"), "missing_images", "must be 'error' or 'drop'")
         check(not (self.classes and self.classes_file), "classes", "give classes or classes_file, not both")
         check(len(set(self.classes)) == len(self.classes), "classes", "names must be unique")
         check(self.num_classes is None or self.num_classes > 0, "num_classes", "must be positive")
@@ -82,8 +104,12 @@ class DataConfig:
         check(sizes_ok(self.train_size), "train_size", "must be positive (fmnist: >= 0, 0 = all)")
         check(sizes_ok(self.val_size), "val_size", "must be positive (fmnist: >= 0, 0 = all)")
         check(0.0 <= self.label_noise < 1.0, "label_noise", "must be in [0, 1)")
+        check(0.0 < self.item_scale <= 1.0, "item_scale", "must be in (0, 1]")
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.shard_streams >= 1, "shard_streams", "must be >= 1")
+        check(self.shard_shuffle >= 1, "shard_shuffle", "must be >= 1 (1 = read order)")
+        check(self.augment_on in ("cpu", "device"), "augment_on", "must be 'cpu' or 'device'")
         check(len(self.mean) == 3, "mean", "needs 3 values (RGB)")
         check(len(self.std) == 3 and min(self.std) > 0, "std", "needs 3 positive values (RGB)")
         lo, hi = self.crop_scale

@@ -21,6 +21,7 @@ a refused mode) raises :class:`BadImageError` naming the file.
 
 from __future__ import annotations
 
+import io
 import struct
 import threading
 import warnings
@@ -122,18 +123,21 @@ def to_rgb(image: Image.Image, path: str | Path = "image") -> Image.Image:
         raise _bad(path, f"image mode {mode} is not supported ({err})") from None
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+def read_image(
+    path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, data: bytes | None = None
+) -> torch.Tensor:
     """An image file as uint8 RGB ``3 x H x W``, upright by its EXIF orientation.
 
     Modes are converted as the module docstring says. An image of more than ``max_pixels``
     pixels (0: no limit) is refused before it is decoded. Raises :class:`BadImageError`
-    naming the file for anything that stops the decode.
+    naming the file for anything that stops the decode. ``data``: the file's bytes (a shard
+    member, say); ``path`` then only names it in errors.
     """
     path = Path(path)
     try:
         with _pil_pixel_limit_held():
             Image.MAX_IMAGE_PIXELS = None  # opening reads the header only; its size is checked here
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 width, height = image.size
                 if max_pixels and width * height > max_pixels:
                     raise _bad(path, _too_large(width, height, max_pixels))
@@ -142,7 +146,7 @@ def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> 
     except BadImageError:
         raise
     except Image.UnidentifiedImageError:
-        empty = path.is_file() and path.stat().st_size == 0
+        empty = not data if data is not None else path.is_file() and path.stat().st_size == 0
         raise _bad(path, "empty file (0 bytes)" if empty else "not an image file PIL can identify") from None
     except Image.DecompressionBombError as err:  # a frame or tile over the limit
         raise _bad(path, f"{err} (data.max_image_pixels={max_pixels})") from None

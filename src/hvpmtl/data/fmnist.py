@@ -151,17 +151,25 @@ class FashionMNISTItems(Dataset):
     """Single Fashion-MNIST items, one tag each (the standard 10-way classification task).
 
     The first ``size`` items of the split's IDX files (all of them when ``size`` is larger),
-    resized to ``img_size`` and repeated to 3 channels. ``train`` reads the 60,000 training
-    items; ``val`` and ``test`` both read the 10,000 test items. Items are dicts: ``image``
+    drawn ``scale * img_size`` pixels wide in the middle of a black ``img_size`` canvas (``scale``
+    1: the item fills the image; 0.5: the size items have in ``fmnist-mosaic``, so a backbone
+    pre-trained on mosaics is probed at the scale it learnt) and repeated to 3 channels.
+    ``train`` reads the 60,000 training items; ``val`` and ``test`` both read the 10,000 test
+    items. Items are dicts: ``image``
     uint8 ``3 x H x W``, ``labels`` float one-hot ``10``, ``target`` (the class index), ``index``.
     """
 
     classes = list(CLASSES)
 
-    def __init__(self, root: str | Path = DEFAULT_ROOT, split: str = "train", size: int = 0, img_size: int = 28):
+    def __init__(
+        self, root: str | Path = DEFAULT_ROOT, split: str = "train", size: int = 0, img_size: int = 28,
+        scale: float = 1.0,
+    ):  # fmt: skip
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"data.item_scale={scale}: must be in (0, 1]")
         self.images, self.targets = load_fashion_mnist(root, split)
         self.size = len(self.images) if size <= 0 else min(size, len(self.images))
-        self.img_size = img_size
+        self.img_size, self.scale = img_size, scale
         self.num_classes = len(CLASSES)
 
     def __len__(self) -> int:
@@ -172,8 +180,12 @@ class FashionMNISTItems(Dataset):
             raise IndexError(f"index {index} out of range for {self.size} items")
         grey = torch.from_numpy(self.images[index].copy()).float()[None, None]
         S = self.img_size
-        if grey.shape[-1] != S:
-            grey = F.interpolate(grey, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+        side = max(1, round(self.scale * S))
+        if grey.shape[-1] != side:
+            grey = F.interpolate(grey, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        if side != S:
+            before = (S - side) // 2
+            grey = F.pad(grey, (before, S - side - before, before, S - side - before))
         image = grey.round().clamp(0, 255).to(torch.uint8)[0].expand(3, S, S).contiguous()
         target = int(self.targets[index])
         labels = torch.zeros(self.num_classes)

@@ -166,6 +166,10 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load_image(self, i: int) -> torch.Tensor:
+        """Image ``i`` as uint8 RGB (subclasses that keep images elsewhere, e.g. in shards, override this)."""
+        return read_image(self.paths[i], self.max_pixels)
+
     def _where(self, i: int) -> str:
         return f"{self.sources[i]}: " if self.sources else ""
 
@@ -187,7 +191,7 @@ class ImageFiles(Dataset):
         for step in range(tries):
             i = (index + step) % n
             try:
-                image = read_image(self.paths[i], self.max_pixels)
+                image = self.load_image(i)
             except BadImageError as err:
                 if self.on_bad_image == "error":
                     raise BadImageError(

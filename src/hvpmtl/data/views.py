@@ -161,9 +161,15 @@ class PretrainViews(Dataset):
 
 def collate_pretrain(samples: Sequence[dict]) -> dict:
     """Stack :class:`PretrainViews` samples into the batch ``HVPMTL.forward`` takes:
-    ``{"views": [B x 3 x H x W] * 2, "mask": B x g x g, "labels": B x C, "index": B}``."""
+    ``{"views": [B x 3 x H x W] * 2, "mask": B x g x g, "labels": B x C, "index": B}``. Views
+    that are recipes (``data.augment_on=device``) are stacked key by key, for ``DeviceViews``."""
+    if isinstance(samples[0]["views"][0], dict):
+        views = [{key: torch.stack([s["views"][k][key] for s in samples]) for key in samples[0]["views"][k]}
+                 for k in (0, 1)]  # fmt: skip
+    else:
+        views = [torch.stack([s["views"][k] for s in samples]) for k in (0, 1)]
     return {
-        "views": [torch.stack([s["views"][k] for s in samples]) for k in (0, 1)],
+        "views": views,
         "mask": torch.stack([s["mask"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),

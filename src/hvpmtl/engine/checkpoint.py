@@ -316,8 +316,9 @@ def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer | Non
 
 
 def export_weights(run_dir: str | Path, model: nn.Module, config: dict, env: DistEnv) -> dict[str, Path]:
-    """Write ``model.safetensors`` (student + teacher) and ``backbone.safetensors`` (the
-    student's timm backbone with timm's own keys; load with :func:`load_backbone`). Collective."""
+    """Write ``model.safetensors`` (student + teacher), ``backbone.safetensors`` (the student's
+    timm backbone with timm's own keys; load with :func:`load_backbone`) and, when the run has an
+    EMA teacher, ``teacher_backbone.safetensors`` (the teacher's, same format). Collective."""
     from safetensors.torch import save as st_save
 
     inner = unwrap(model)
@@ -327,13 +328,18 @@ def export_weights(run_dir: str | Path, model: nn.Module, config: dict, env: Dis
     run_dir = Path(run_dir)
     tensors = {k: v.detach().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
     meta = {"format": "hvpmtl", "iteration": str(getattr(inner, "iteration", 0)), "config": json.dumps(config)}
-    prefix = "backbone.model."
-    backbone = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     bcfg = config.get("backbone", {})
-    bmeta = {"format": "timm", "name": str(bcfg.get("name", "")), "backbone_config": json.dumps(bcfg)}
-    paths = {"model": run_dir / "model.safetensors", "backbone": run_dir / "backbone.safetensors"}
+    paths = {"model": run_dir / "model.safetensors"}
     atomic_write(paths["model"], lambda f: f.write(st_save(tensors, metadata=meta)))
-    atomic_write(paths["backbone"], lambda f: f.write(st_save(backbone, metadata=bmeta)))
+    parts = {"backbone": ("student", "backbone.model."), "teacher_backbone": ("teacher", "teacher.backbone.model.")}
+    for name, (part, prefix) in parts.items():
+        backbone = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not backbone:
+            continue
+        bmeta = {"format": "timm", "name": str(bcfg.get("name", "")), "backbone_config": json.dumps(bcfg),
+                 "part": part, "iteration": meta["iteration"]}  # fmt: skip
+        paths[name] = run_dir / f"{name}.safetensors"
+        atomic_write(paths[name], lambda f, b=backbone, m=bmeta: f.write(st_save(b, metadata=m)))
     return paths
 
 

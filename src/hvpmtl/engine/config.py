@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # metrics.csv is always written
 
 
 def _checker(obj, prefix: str):
@@ -54,6 +55,30 @@ class OptimConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases run settings (``train.loggers`` with ``wandb``; extra ``hvpmtl[wandb]``)."""
+
+    project: str = "hvpmtl"
+    entity: str = ""  # "" = your default entity
+    run_name: str = ""  # "" = the run folder's name
+    mode: str = ""  # "" = wandb's default (WANDB_MODE) | online | offline | disabled
+    tags: tuple[str, ...] = ()
+
+    def validate(self, prefix: str = "") -> None:
+        check = _checker(self, prefix)
+        check(self.mode in ("", "online", "offline", "disabled"), "mode", "choose online, offline or disabled")
+
+
+@dataclass
+class MLflowConfig:
+    """MLflow run settings (``train.loggers`` with ``mlflow``; extra ``hvpmtl[mlflow]``)."""
+
+    tracking_uri: str = ""  # "" = MLflow's default (MLFLOW_TRACKING_URI, else ./mlruns)
+    experiment: str = "hvpmtl"
+    run_name: str = ""  # "" = the run folder's name
+
+
+@dataclass
 class TrainConfig:
     """Loop length, precision, logging and checkpoints.
 
@@ -73,14 +98,20 @@ class TrainConfig:
     # steps between measurements of each objective's share of the backbone gradient (grad_share_*
     # in metrics.csv; one extra backward per objective on those steps, not under FSDP); 0 = off
     grad_share_every: int = 100
+    # steps between pictures of held-out images (SimMIM reconstructions, label-query attention) into
+    # <output_dir>/pictures and TensorBoard, rank 0, eval mode, global RNG untouched; 0 = off
+    pictures_every: int = 0
+    pictures_count: int = 8  # held-out images per picture
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_ckpts: int = 2  # step checkpoints kept in <output_dir>/checkpoints (0 keeps all)
     resume: str = ""  # "" | auto (latest checkpoint in output_dir) | path to a checkpoint
     overwrite: bool = False  # replace a previous run's outputs in output_dir (else such a folder is refused)
     max_bad_steps: int = 20  # consecutive non-finite steps before the run stops
     progress: bool = True  # tqdm progress bar on rank 0
-    stop_after: int = 0  # testing knob: > 0 simulates a crash after this step (no final save)
-    nan_at_step: int = -1  # testing knob: >= 0 injects NaN into the loss from this step on
+    # where the metrics.csv values also go (rank 0; wandb and mlflow are extras, imported only when listed)
+    loggers: tuple[str, ...] = ("tensorboard",)  # any of tensorboard, wandb, mlflow; [] = metrics.csv only
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
     def validate(self, prefix: str = "") -> None:
         check = _checker(self, prefix)
@@ -92,9 +123,14 @@ class TrainConfig:
         check(self.device in DEVICES, "device", f"choose one of {', '.join(DEVICES)}")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.grad_share_every >= 0, "grad_share_every", "must be >= 0 (0: off)")
+        check(self.pictures_every >= 0, "pictures_every", "must be >= 0 (0: off)")
+        check(self.pictures_count >= 1, "pictures_count", "must be >= 1")
         check(self.ckpt_every >= 1, "ckpt_every", "must be >= 1")
         check(self.keep_ckpts >= 0, "keep_ckpts", "must be >= 0")
         check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+        unknown = [name for name in self.loggers if name not in LOGGERS]
+        check(not unknown, "loggers", f"unknown {unknown}; choose from {', '.join(LOGGERS)}")
+        check(len(set(self.loggers)) == len(self.loggers), "loggers", "lists a logger twice")
 
 
 @dataclass

@@ -12,15 +12,14 @@ with non-finite weights raises instead of exporting them (``engine/guards.py``).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 import hvpmtl
+from hvpmtl.backbones.pretrained import start_source
 from hvpmtl.config import Config, ConfigError, save_config, to_dict
 from hvpmtl.engine import checkpoint as ckpt_io
 from hvpmtl.engine import run_dir as run_io
@@ -36,21 +35,19 @@ from hvpmtl.engine.distributed import (
     unwrap,
     wrap_model,
 )
+from hvpmtl.engine.faults import Faults, SimulatedCrash  # noqa: F401  (SimulatedCrash: re-export)
 from hvpmtl.engine.grad_share import grad_shares
 from hvpmtl.engine.guards import BufferSnapshot, untrained_reason
+from hvpmtl.engine.loader import build_pretrain_loader
+from hvpmtl.engine.loggers import check_loggers
 from hvpmtl.engine.metrics import MetricsLogger, format_summary, read_metrics, summarize
 from hvpmtl.engine.optim import build_optimizer
-from hvpmtl.engine.sampler import GlobalBatchSampler
 from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient, or the run ended with no
     successful step or with non-finite weights (then nothing is exported)."""
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by the ``train.stop_after`` testing knob (a crash without a final checkpoint)."""
 
 
 @dataclass
@@ -95,15 +92,19 @@ class Trainer:
         self.run_dir = Path(t.output_dir)
         if t.precision == "fp16" and env.device.type != "cuda":
             raise ValueError("train.precision=fp16 needs CUDA (its GradScaler); use bf16 or fp32 on CPU")
+        check_loggers(t.loggers)  # a missing tracker package stops the run before anything is written
         ckpt_path = self._checkpoint_to_resume(resume or t.resume)
 
-        from hvpmtl.data import build_pretrain_dataset, collate_pretrain
+        from hvpmtl.data import build_pretrain_dataset
 
         self.dataset = build_pretrain_dataset(cfg, "train")
         if cfg.data.num_classes is None:
             cfg.data.num_classes = len(self.dataset.classes)
         torch.manual_seed(t.seed)  # the initial weights depend on train.seed only
-        model = hvpmtl.build(cfg, cfg.data.num_classes).to(env.device)
+        # a new run starts from backbone.pretrained / pretrained_file / init_from; a resumed one from its checkpoint
+        model = hvpmtl.build(cfg, cfg.data.num_classes, init_weights=ckpt_path is None).to(env.device)
+        if ckpt_path is None and env.is_main and (start := start_source(cfg.backbone)) is not None:
+            print(f"backbone starts from {start}")
         if t.compile:
             model.backbone.compile()
             if model.teacher is not None:
@@ -115,19 +116,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.inner, cfg.optim, env.device)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
 
-        self.sampler = GlobalBatchSampler(
-            len(self.dataset), cfg.data.batch_size, env.rank, env.world_size, t.accum_steps, t.seed
-        )
-        nw = cfg.data.num_workers
-        self.loader = DataLoader(
-            self.dataset,
-            batch_sampler=self.sampler,
-            num_workers=nw,
-            collate_fn=collate_pretrain,
-            pin_memory=cfg.data.pin_memory and env.device.type == "cuda",
-            persistent_workers=cfg.data.persistent_workers and nw > 0,
-            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG out of it
-        )
+        self.loader, self.sampler = build_pretrain_loader(self.dataset, cfg, env)
         spe = self.sampler.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * spe
         warm = warmup_steps_for(cfg.optim.warmup_epochs, cfg.optim.warmup_steps, spe)
@@ -138,7 +127,7 @@ class Trainer:
 
         # which logged values are per-image sums (add over ranks) rather than means
         self.tasks = list(self.inner.weights)
-        self.keys = tuple(f"loss_{k}" for k in self.tasks) + (("swav_collapse",) if "swav" in self.tasks else ())
+        self.keys = tuple(f"loss_{k}" for k in self.tasks) + self.inner.logged_extras
         self.sum_keys = self.inner.summed_losses
 
         self.monitor = None  # off for runs shorter than one monitoring period: it would never run
@@ -159,6 +148,7 @@ class Trainer:
         self.log_keys = ("loss", *self.keys, *self.share_keys, *(self.monitor.keys if self.monitor else ()))
 
         self.step, self.skipped, self.bad_streak = 0, 0, 0
+        self.faults = Faults.from_env()  # test-only: HVPMTL_FAULT_* (engine/faults.py)
         if ckpt_path is not None:
             self._resume(ckpt_path)
         overwrite, t.overwrite = t.overwrite, False  # a one-off: the saved config must not carry it
@@ -168,7 +158,7 @@ class Trainer:
         barrier(env)
         self.logger = MetricsLogger(
             self.run_dir, self.log_keys, self.total_steps, self.step, cfg.data.batch_size,
-            enabled=env.is_main, progress=t.progress,
+            enabled=env.is_main, progress=t.progress, loggers=t.loggers, settings=t, config=to_dict(cfg),
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------------------
@@ -237,6 +227,32 @@ class Trainer:
         a = self.cfg.train.accum_steps
         return torch.tensor([1.0 if k in self.sum_keys else 1.0 / a for k in self.keys], device=self.env.device)
 
+    def _finish_views(self, batch: dict) -> dict:
+        """``data.augment_on=device``: the workers sent uint8 crops and parameters (pinned); flip,
+        rotation, colour jitter, RandAugment and normalisation run here, batched on the device."""
+        if self.cfg.data.augment_on != "device":
+            return batch
+        if getattr(self, "_device_views", None) is None:
+            from hvpmtl.data import DeviceViews, build_view_transform
+
+            self._device_views = DeviceViews(build_view_transform(self.cfg))
+        return self._device_views(batch, self.env.device)
+
+    def _next_batch(self, batches) -> dict:
+        """The next micro-batch, on the device; the first of a step may have been made ahead."""
+        ahead, self._ahead = getattr(self, "_ahead", None), None
+        if ahead is not None and ahead[0] is batches and ahead[1] == self.step:
+            return ahead[2]
+        return _to_device(self._finish_views(next(batches)), self.env.device)
+
+    def _views_ahead(self, batches) -> None:
+        """``data.augment_on=device``: make the next step's views now, while the device still runs
+        this step's backward, so the host's launches of the batched ops overlap the device's work
+        (not across an epoch's end: the loop starts a new iterator there)."""
+        after = self.step + 1
+        if self.cfg.data.augment_on == "device" and after < self.total_steps and after % self.sampler.steps_per_epoch:
+            self._ahead = (batches, after, self._next_batch(batches))
+
     def _train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, bool]:
         t, dev = self.cfg.train, self.env.device
         for g in self.optimizer.param_groups:
@@ -249,12 +265,11 @@ class Trainer:
         bad = torch.zeros((), device=dev)
         buffers = BufferSnapshot(self.inner)  # BatchNorm statistics etc., put back if the step is skipped
         for a in range(t.accum_steps):
-            batch = _to_device(next(batches), dev)
+            batch = self._next_batch(batches)
             with gradient_sync(self.model, a == t.accum_steps - 1):
                 with amp:
                     out = self.model(batch)
-                    if 0 <= t.nan_at_step <= self.step:
-                        out = {k: v * math.nan if k.startswith("loss") else v for k, v in out.items()}
+                    out = self.faults.poison(out, self.step)
                     loss = self._objective(out)
                 if a == 0 and self.share_every and (self.step + 1) % self.share_every == 0:
                     self.monitored.setdefault(self.step + 1, {}).update(self._grad_shares(out))
@@ -271,6 +286,7 @@ class Trainer:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.scaler is None:
             bad += (~torch.isfinite(norm)).float()  # fp16 overflows are the scaler's business
+        self._views_ahead(batches)
         ok = all_reduce_sum(bad, self.env).item() == 0  # the one per-step host sync
         if ok:
             if self.scaler is not None:
@@ -326,6 +342,10 @@ class Trainer:
         pending: list = []
         last_ckpt = None
         self.model.train()
+        from hvpmtl.viz.pictures import training_pictures  # train.pictures_every (rank 0, off under FSDP)
+
+        pictures = training_pictures(self.cfg, self.env, self.run_dir, getattr(self.logger, "tb", None),
+                                     self.total_steps, self.fsdp)  # fmt: skip
         try:
             while self.step < self.total_steps:
                 epoch, pos = divmod(self.step, spe)
@@ -356,12 +376,13 @@ class Trainer:
                     every = self.cfg.eval.knn_every
                     if self.monitor is not None and (self.step % every == 0 or done):
                         self.monitored.setdefault(self.step, {}).update(self.monitor(self.inner, sharded=not self.fsdp))
+                    if pictures is not None and (self.step % t.pictures_every == 0 or done):
+                        pictures(self.inner, self.step)
                     if self.step % t.log_every == 0 or done or self.step % t.ckpt_every == 0:
                         self._flush(pending)
                     if self.step % t.ckpt_every == 0 and not done:  # the last one after the check below
                         last_ckpt = self._save()
-                    if t.stop_after and self.step >= t.stop_after and not done:
-                        raise SimulatedCrash(f"simulated crash after step {self.step} (train.stop_after)")
+                    self.faults.crash_after(self.step, done)
                     if done:
                         break
                 del batches

@@ -1,4 +1,5 @@
-"""Run output on rank 0: progress bar, ``metrics.csv`` (one row per step), TensorBoard, summary.
+"""Run output on rank 0: progress bar, ``metrics.csv`` (one row per step), TensorBoard (and W&B,
+MLflow: ``train.loggers``, ``engine/loggers.py``), summary.
 
 Rows arrive in blocks at log intervals (the loop keeps per-step values on the device and reads
 them back once per interval). On resume the CSV keeps the rows up to the checkpoint's step and
@@ -11,6 +12,7 @@ import csv
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -35,6 +37,9 @@ class MetricsLogger:
         loss_keys: the logged values, e.g. ``("loss", "loss_mlc", ..., "swav_collapse")``.
         total_steps, start_step: run length and where this session starts (resume).
         global_batch: images per step, for the progress bar's img/s and ETA.
+        loggers: ``train.loggers`` (``metrics.csv`` is always written); ``tensorboard`` gives ``self.tb``.
+        settings: the ``TrainConfig`` whose ``wandb`` / ``mlflow`` blocks configure those loggers.
+        config: the resolved run config, sent to W&B / MLflow.
     """
 
     def __init__(
@@ -47,8 +52,13 @@ class MetricsLogger:
         enabled: bool = True,
         progress: bool = True,
         desc: str = "pretrain",
+        loggers: tuple[str, ...] | list[str] = ("tensorboard",),
+        settings: Any = None,
+        config: dict | None = None,
     ):
         self.enabled = enabled
+        self.tb = None
+        self.trackers: list = []
         self.columns = (*FIXED, *loss_keys, *TAIL)
         self.loss_keys = loss_keys
         if not enabled:
@@ -62,9 +72,14 @@ class MetricsLogger:
                 writer.writerow([_fmt(r.get(c, math.nan)) for c in self.columns])
         self.file = open(self.path, "a", newline="")  # noqa: SIM115 - kept open for the run
         self.writer = csv.writer(self.file)
-        from torch.utils.tensorboard import SummaryWriter
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+        if any(name != "tensorboard" for name in loggers):
+            from hvpmtl.engine.loggers import open_trackers
+
+            self.trackers = open_trackers(loggers, settings, run_dir, config)
         self.bar = tqdm(
             total=total_steps * global_batch,
             initial=start_step * global_batch,
@@ -83,10 +98,12 @@ class MetricsLogger:
             return
         for r in rows:
             self.writer.writerow([_fmt(r.get(c, math.nan)) for c in self.columns])
-            for k in (*self.loss_keys, "lr", "grad_norm", "img_per_s"):
+            for k in (*self.loss_keys, "lr", "grad_norm", "img_per_s") if self.tb is not None else ():
                 if k in r and math.isfinite(r[k]):
                     self.tb.add_scalar(f"train/{k}", r[k], int(r["step"]))
         self.file.flush()
+        for tracker in self.trackers:
+            tracker.log([{c: r[c] for c in self.columns if c in r} for r in rows])
         last = rows[-1]
         post = {k.removeprefix("loss_"): f"{last[k]:.4g}" for k in self.loss_keys if k in last}
         self.bar.set_postfix(post | {"skipped": int(last["skipped_steps"])}, refresh=False)
@@ -100,7 +117,10 @@ class MetricsLogger:
         if self.enabled:
             self.bar.close()
             self.file.close()
-            self.tb.close()
+            if self.tb is not None:
+                self.tb.close()
+            for tracker in self.trackers:
+                tracker.close()
 
 
 def _fmt(v: float) -> str:

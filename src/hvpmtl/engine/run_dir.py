@@ -25,8 +25,8 @@ from hvpmtl.data.skipped import SKIPPED_LIST, SKIPPED_PARTS
 from hvpmtl.engine import checkpoint as ckpt_io
 
 LOCK_NAME = ".lock"
-OUTPUTS = ("config.yaml", "metrics.csv", "model.safetensors", "backbone.safetensors", ckpt_io.CKPT_DIR, "tb",
-           SKIPPED_LIST, SKIPPED_PARTS)
+OUTPUTS = ("config.yaml", "metrics.csv", "model.safetensors", "backbone.safetensors", "teacher_backbone.safetensors",
+           ckpt_io.CKPT_DIR, "tb", "trackers.json", "wandb", "pictures", SKIPPED_LIST, SKIPPED_PARTS)
 FINISHED = ("model.safetensors", "backbone.safetensors")  # written only by a run that ended well
 BAD_SUFFIX = ".bad"
 _TMP_RE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temporary files

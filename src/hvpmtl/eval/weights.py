@@ -2,16 +2,19 @@
 
 Every downstream command takes one ``SOURCE``:
 
-* a run folder: its ``backbone.safetensors`` (student) or ``model.safetensors`` (``--teacher``),
-  or, for a run that has not finished, its latest checkpoint;
+* a run folder: its ``backbone.safetensors`` (student) or ``teacher_backbone.safetensors``
+  (``--teacher``; ``model.safetensors`` for runs older than that file), or, for a run that has not
+  finished, its latest checkpoint;
 * a checkpoint ``checkpoints/step_*.pt`` (loaded with ``weights_only=True``);
-* a ``backbone.safetensors`` (timm keys; its backbone config is stored in the file) or a
-  ``model.safetensors`` (student and teacher);
+* a ``backbone.safetensors`` or ``teacher_backbone.safetensors`` (timm keys; the backbone config
+  and which part it is are stored in the file) or a ``model.safetensors`` (student and teacher);
 * nothing, with ``--random-init`` and ``--config PRESET``: the backbone a pre-training preset
   starts from.
 
 ``--random-init`` with a source gives the very weights that run started from (same config, same
-``train.seed``): the baseline every results table needs. Weights that do not fit the backbone
+``train.seed``): the baseline every results table needs. (For a run that started from pretrained
+weights or another run, ``backbone.pretrained*`` / ``init_from``, it is the random initialisation
+those replaced.) Weights that do not fit the backbone
 (missing or unexpected keys, other shapes) stop the command with the names of what differs.
 """
 
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 
 from hvpmtl.backbones import BackboneConfig, MaskedBackbone, build_backbone
+from hvpmtl.backbones.pretrained import describe_mismatch
 
 STUDENT, TEACHER = "backbone.model.", "teacher.backbone.model."
 
@@ -45,6 +49,7 @@ class Weights:
         run_dir: the run folder the weights come from (results are written under it).
         pretrain: the run's resolved pre-training config as a dict, when known.
         seed: ``train.seed`` of the run (the random initialisation's seed).
+        part: ``"student"`` or ``"teacher"``: which backbone of the run the weights are.
     """
 
     backbone: BackboneConfig
@@ -53,6 +58,7 @@ class Weights:
     run_dir: Path | None = None
     pretrain: dict | None = None
     seed: int = 0
+    part: str = "student"
 
 
 def _backbone_cfg(d: dict) -> BackboneConfig:
@@ -69,7 +75,7 @@ def _prefixed(state: dict, prefix: str, where: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _from_checkpoint(path: Path, teacher: bool) -> tuple[dict, dict, str]:
+def _from_checkpoint(path: Path, teacher: bool) -> tuple[dict, dict, str, str]:
     from hvpmtl.engine.checkpoint import load_checkpoint
 
     try:
@@ -83,10 +89,10 @@ def _from_checkpoint(path: Path, teacher: bool) -> tuple[dict, dict, str]:
             why = f"truncated or not a checkpoint ({type(err).__name__})"
         raise WeightsError(f"{path}: cannot read this checkpoint: {why}") from None
     state = _prefixed(ckpt["model"], TEACHER if teacher else STUDENT, str(path))
-    return state, ckpt.get("config", {}), f"step {ckpt.get('step', '?')}"
+    return state, ckpt.get("config", {}), f"step {ckpt.get('step', '?')}", "teacher" if teacher else "student"
 
 
-def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str]:
+def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str, str]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
@@ -102,11 +108,16 @@ def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str]:
             _prefixed(state, TEACHER if teacher else STUDENT, str(path)),
             config,
             f"step {meta.get('iteration', '?')}",
+            "teacher" if teacher else "student",
         )
-    if teacher:
-        raise WeightsError(f"{path}: holds one backbone, not a teacher; pass the run's model.safetensors for --teacher")
+    part = meta.get("part", "student")
+    if teacher and part != "teacher":
+        raise WeightsError(
+            f"{path}: holds the student's backbone, not a teacher; for --teacher pass the run's "
+            "teacher_backbone.safetensors (or its model.safetensors)"
+        )
     if "backbone_config" in meta:
-        return state, {"backbone": json.loads(meta["backbone_config"])}, ""
+        return state, {"backbone": json.loads(meta["backbone_config"])}, "", part
     raise WeightsError(
         f"{path}: no backbone config in its metadata (not written by hvpmtl); give the backbone with "
         "--config PRESET (pre-training preset) and this file as a timm state dict is not supported yet"
@@ -116,9 +127,11 @@ def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str]:
 def _in_run(run: Path, teacher: bool) -> Path:
     from hvpmtl.engine.checkpoint import find_latest
 
-    final = run / ("model.safetensors" if teacher else "backbone.safetensors")
-    if final.is_file():
-        return final
+    names = ("teacher_backbone.safetensors", "model.safetensors") if teacher else ("backbone.safetensors",)
+    for name in names:
+        if (run / name).is_file():
+            return run / name
+    final = run / names[0]
     latest = find_latest(run)
     if latest is None:
         raise WeightsError(
@@ -151,9 +164,9 @@ def resolve_weights(
     if path.is_dir():
         path = _in_run(path, teacher)
     if path.suffix == ".pt":
-        state, config, when = _from_checkpoint(path, teacher)
+        state, config, when, part = _from_checkpoint(path, teacher)
     elif path.suffix == ".safetensors":
-        state, config, when = _from_safetensors(path, teacher)
+        state, config, when, part = _from_safetensors(path, teacher)
     else:
         raise WeightsError(f"{path}: expected a run folder, a .pt checkpoint or a .safetensors file")
     if "backbone" not in config:
@@ -163,9 +176,8 @@ def resolve_weights(
     seed = int(config.get("train", {}).get("seed", 0))
     if random_init:
         return Weights(_backbone_cfg(config["backbone"]), None, f"random init ({run_dir.name})", run_dir, config, seed)
-    who = "teacher" if teacher else "student"
-    label = " ".join(x for x in (run_dir.name, who, when) if x)
-    return Weights(_backbone_cfg(config["backbone"]), state, label, run_dir, config or None, seed)
+    label = " ".join(x for x in (run_dir.name, part, when) if x)
+    return Weights(_backbone_cfg(config["backbone"]), state, label, run_dir, config or None, seed, part)
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -204,18 +216,9 @@ def load_into(
     """Load timm-keyed ``state`` into the timm ``model``; mismatches raise :class:`WeightsError`
     naming them. Keys starting with one of ``allow_missing`` (a new head) may be missing."""
     state = _fit_pos_embed(state, model)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-        for k in state
-        if k in own and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-        found = (("missing", missing), ("unexpected", unexpected), ("other shapes", shapes))
-        parts = [f"{name}: {', '.join(items[:4])}{' ...' if len(items) > 4 else ''}" for name, items in found if items]
-        raise WeightsError(f"{where}: the weights do not fit this backbone ({'; '.join(parts)})")
+    problem = describe_mismatch(model.state_dict(), state, allow_missing)
+    if problem is not None:
+        raise WeightsError(f"{where}: the weights do not fit this backbone ({problem})")
     model.load_state_dict(state, strict=False)
 
 

@@ -8,10 +8,14 @@ MLC decoder, ALBEF style) is updated after every optimiser step: ``t <- m t + (1
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from hvpmtl.objectives.base import Objective, register_objective
 
 
 @dataclass
@@ -60,3 +64,46 @@ def image_embedding(label_features: torch.Tensor, memory: torch.Tensor, kind: st
     """The decoder's image embedding ``g`` (``B x d``): the mean of its ``C`` label features, or
     of the projected feature map it reads."""
     return (label_features if kind == "query_mean" else memory).mean(dim=1)
+
+
+class EMATeacher(nn.ModuleDict):
+    """``{"backbone", "mlc"}``: frozen copies of the student's, moved only by :func:`ema_update`;
+    always in eval mode (no dropout, no drop path)."""
+
+    def train(self, mode: bool = True) -> EMATeacher:
+        return super().train(False)
+
+
+@register_objective("distill", DistillConfig)
+class DistillObjective(Objective):
+    """Eqs. (4)-(5) between the student's MLC decoder (its output on this step, left by MLC in
+    ``step.shared["mlc"]``) and the EMA teacher's, both on the pixels MLC reads. Requires MLC's
+    decoder, which is built even when ``tasks.mlc.weight`` is 0."""
+
+    modules = ("teacher",)
+    requires = ("mlc",)
+
+    def build(self, model: nn.Module, num_classes: int | None) -> dict[str, nn.Module]:
+        teacher = EMATeacher({"backbone": copy.deepcopy(model.backbone), "mlc": copy.deepcopy(model.mlc)})
+        teacher.requires_grad_(False)
+        return {"teacher": teacher.eval()}
+
+    def forward(self, model: nn.Module, step, with_loss: bool) -> dict[str, torch.Tensor]:
+        cfg, teacher = self.cfg, model.teacher
+        _, h, memory = step.shared["mlc"]
+        images, mask = step.pixels("mlc")
+        with torch.no_grad():
+            t_fmap, _ = teacher["backbone"](images, mask)
+            _, t_h, t_memory = teacher["mlc"](t_fmap)
+            g_t = image_embedding(t_h, t_memory, cfg.embedding)
+        g = image_embedding(h, memory, cfg.embedding)
+        q0 = model.mlc.label_embed.weight
+        q0_t = q0.detach() if cfg.teacher_queries == "student" else teacher["mlc"].label_embed.weight
+        log_p, log_p_t = label_similarity(g, q0, cfg.temperature), label_similarity(g_t, q0_t, cfg.temperature)
+        return {"loss": symmetric_kl(log_p, log_p_t)}
+
+    def after_step(self, model: nn.Module) -> None:
+        """EMA step ``t <- m t + (1 - m) s`` (parameters only, ALBEF)."""
+        teacher = [*model.teacher["backbone"].parameters(), *model.teacher["mlc"].parameters()]
+        student = [*model.backbone.parameters(), *model.mlc.parameters()]
+        ema_update(teacher, student, self.cfg.momentum)

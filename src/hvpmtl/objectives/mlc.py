@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
+from hvpmtl.objectives.base import Objective, register_objective
+
 FOCUSING = {"paper": (4.0, 1.0), "asl": (0.0, 4.0)}  # (gamma_pos, gamma_neg)
 REDUCTIONS = ("per_image", "global_sum", "mean")
 
@@ -50,6 +52,8 @@ class MLCConfig:
     def validate(self, prefix: str = "") -> None:
         if self.focusing not in FOCUSING:
             raise ValueError(f"{prefix}.focusing: expected one of {sorted(FOCUSING)}, got '{self.focusing}'")
+        if self.reduction == "sum":  # runs saved before per_image existed: the same loss as global_sum
+            self.reduction = "global_sum"
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"{prefix}.reduction: expected one of {REDUCTIONS}, got '{self.reduction}'")
         if not self.sum_images > 0:
@@ -73,14 +77,21 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         out = F.scaled_dot_product_attention(
-            heads(self.q(q)), heads(self.k(k)), heads(self.v(v)), dropout_p=self.dropout if self.training else 0.0
-        )
+            self._heads(self.q(q)), self._heads(self.k(k)), self._heads(self.v(v)),
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
         return self.proj(out.transpose(1, 2).flatten(2))
+
+    def weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The attention probabilities :meth:`forward` applies (before dropout), ``B x heads x Lq x Lk``;
+        computed apart because the fused kernel does not return them."""
+        q, k = self._heads(self.q(q)), self._heads(self.k(k))
+        return (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
 
 
 class DecoderLayer(nn.Module):
@@ -98,12 +109,20 @@ class DecoderLayer(nn.Module):
         self.norm_ffn = nn.LayerNorm(dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, tgt, query_pos, memory, memory_pos):
+    def _self_attend(self, tgt, query_pos):
         if self.self_attn is not None:
             q = tgt + query_pos
             tgt = self.norm_self(tgt + self.drop(self.self_attn(q, q, tgt)))
+        return tgt
+
+    def forward(self, tgt, query_pos, memory, memory_pos):
+        tgt = self._self_attend(tgt, query_pos)
         tgt = self.norm_cross(tgt + self.drop(self.cross_attn(tgt + query_pos, memory + memory_pos, memory)))
         return self.norm_ffn(tgt + self.drop(self.ffn(tgt)))
+
+    def cross_attention_weights(self, tgt, query_pos, memory, memory_pos) -> torch.Tensor:
+        """What :meth:`forward`'s cross-attention reads: ``B x heads x C x HW`` probabilities."""
+        return self.cross_attn.weights(self._self_attend(tgt, query_pos) + query_pos, memory + memory_pos)
 
 
 class Query2LabelDecoder(nn.Module):
@@ -124,19 +143,41 @@ class Query2LabelDecoder(nn.Module):
         self.cls_bias = nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound))
         self.dim = cfg.dim
 
-    def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return logits ``B x C``, label features ``h: B x C x d`` and projected memory ``B x HW x d``."""
+    def _inputs(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Projected memory ``B x HW x d``, its position encoding ``HW x d``, the queries ``B x C x d``."""
         B, _, H, W = fmap.shape
         memory = self.input_proj(fmap).flatten(2).transpose(1, 2)  # B x HW x d
         # Sine encoding for this feature map's actual size (not a size fixed at build time).
         memory_pos = build_sincos2d_pos_embed([H, W], self.dim, device=fmap.device).to(memory.dtype)
-        query_pos = self.label_embed.weight.unsqueeze(0).expand(B, -1, -1)
+        return memory, memory_pos, self.label_embed.weight.unsqueeze(0).expand(B, -1, -1)
+
+    def forward(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return logits ``B x C``, label features ``h: B x C x d`` and projected memory ``B x HW x d``."""
+        memory, memory_pos, query_pos = self._inputs(fmap)
         tgt = torch.zeros_like(query_pos)
         for layer in self.layers:
             tgt = layer(tgt, query_pos, memory, memory_pos)
         h = self.norm(tgt)  # B x C x d
         logits = (h * self.cls_weight).sum(-1) + self.cls_bias
         return logits, h, memory
+
+    @torch.no_grad()
+    def cross_attention(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``B x C`` and where each label query looks: the last layer's cross-attention over
+        the feature map, averaged over heads, ``B x C x H x W`` (each map sums to 1). For pictures;
+        training calls :meth:`forward`, which the fused attention kernel keeps fast.
+
+        >>> logits, maps = decoder.cross_attention(fmap)  # fmap: B x d0 x H x W
+        """
+        memory, memory_pos, query_pos = self._inputs(fmap)
+        tgt = torch.zeros_like(query_pos)
+        for layer in self.layers[:-1]:
+            tgt = layer(tgt, query_pos, memory, memory_pos)
+        last = self.layers[-1]
+        maps = last.cross_attention_weights(tgt, query_pos, memory, memory_pos).mean(1)  # B x C x HW
+        h = self.norm(last(tgt, query_pos, memory, memory_pos))
+        logits = (h * self.cls_weight).sum(-1) + self.cls_bias
+        return logits, maps.unflatten(-1, fmap.shape[-2:])
 
     def no_weight_decay(self) -> set[str]:
         return {"label_embed.weight"}
@@ -176,3 +217,38 @@ def weighted_asymmetric_loss(
     if reduction == "per_image":
         return loss.sum(1).mean()
     return loss.sum() if reduction == "sum" else loss.mean()
+
+
+@register_objective("mlc", MLCConfig)
+class MLCObjective(Objective):
+    """Eq. (1) on the Query2Label decoder's logits for the clean view (``tasks.routing.mlc_masked``:
+    the masked one). Outputs ``logits`` (detached) and leaves ``(logits, h, memory)`` in
+    ``step.shared["mlc"]`` for momentum distillation, which needs the decoder even at weight 0."""
+
+    modules = ("mlc",)
+
+    def build(self, model: nn.Module, num_classes: int | None) -> dict[str, nn.Module]:
+        if not num_classes:
+            raise ValueError("num_classes (data.num_classes) must be set when tasks.mlc or tasks.distill is on")
+        return {"mlc": Query2LabelDecoder(model.backbone.num_features, num_classes, self.cfg)}
+
+    def inputs(self, plan) -> dict:
+        return {"mlc": (plan.masked_view, plan.masking) if plan.routing.mlc_masked else (plan.clean_view, False)}
+
+    def forward(self, model: nn.Module, step, with_loss: bool) -> dict[str, torch.Tensor]:
+        logits, h, memory = model.mlc(step.fmap("mlc"))
+        step.shared["mlc"] = (logits, h, memory)
+        out = {"logits": logits.detach()}
+        if with_loss:
+            if step.labels is None:
+                raise ValueError("batch['labels'] (B x C multi-hot) is required when tasks.mlc is on")
+            c = self.cfg
+            gp, gn = c.gammas
+            reduction = {"global_sum": "sum"}.get(c.reduction, c.reduction)
+            loss = weighted_asymmetric_loss(logits, step.labels, c.eta, gp, gn, c.clip, reduction, c.detach_focusing)
+            out["loss"] = loss * c.sum_images if c.reduction == "per_image" else loss
+        return out
+
+    @property
+    def sums_over_images(self) -> bool:
+        return self.cfg.reduction == "global_sum"

@@ -16,6 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from hvpmtl.objectives.base import Objective, register_objective
+
 STABILIZERS = ("truncate", "max_shift", "none")
 
 
@@ -143,3 +145,31 @@ def swav_loss(scores_a: torch.Tensor, scores_b: torch.Tensor, cfg: SwAVConfig) -
     ]
     loss = swapped_prediction_loss(scores_a, scores_b, codes[0], codes[1], cfg.temperature)
     return loss, loss.detach() / (2 * math.log(scores_a.shape[1]))
+
+
+@register_objective("swav", SwAVConfig)
+class SwAVObjective(Objective):
+    """Eq. (2) between the prototype scores of two views: by default the masked view's pass
+    (``tasks.routing.swav_masked``) and the clean one's. Logs ``swav_collapse``; the prototypes
+    are frozen for the first ``freeze_prototypes_iters`` steps and re-normalised after each.
+    """
+
+    modules = ("swav",)
+    logged = ("swav_collapse",)
+
+    def build(self, model: nn.Module, num_classes: int | None) -> dict[str, nn.Module]:
+        return {"swav": SwAVHead(model.backbone.num_features, self.cfg)}
+
+    def inputs(self, plan) -> dict:
+        masked = plan.masking and plan.routing.swav_masked
+        return {"swav_a": (plan.masked_view, masked), "swav_b": (plan.clean_view, False)}
+
+    def forward(self, model: nn.Module, step, with_loss: bool) -> dict[str, torch.Tensor]:
+        frozen = step.iteration < self.cfg.freeze_prototypes_iters
+        scores, _ = model.swav(torch.cat([step.pooled("swav_a"), step.pooled("swav_b")]), freeze_prototypes=frozen)
+        sa, sb = scores.chunk(2)
+        loss, collapse = swav_loss(sa, sb, self.cfg)
+        return {"swav_collapse": collapse, "loss": loss}
+
+    def after_step(self, model: nn.Module) -> None:
+        model.swav.normalize_prototypes()

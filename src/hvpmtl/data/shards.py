@@ -1,0 +1,359 @@
+"""WebDataset shards: any data set written as tar files, and read back by random access.
+
+A shard folder (what :func:`write_shards` and ``hvpmtl data shard`` write):
+
+* ``<prefix>-000000.tar``, ``<prefix>-000001.tar``, ...: ``samples_per_shard`` samples each
+  (the last one may hold fewer). A sample is two tar members sharing a key, the source index
+  zero-padded: ``00000042.jpg`` (or ``.png``), the image file, and ``00000042.json``,
+  ``{"labels": ["dog", "grass"], "index": 42}``. The WebDataset library and any tar tool read them.
+* ``shards.json``: ``{"format": "hvpmtl-shards", "version": 1, "classes": [...], "shards":
+  [{"name": "train-000000.tar", "samples": 1000}, ...], "samples": N, "num_tagged": T,
+  "shuffle_seed": 0}``: the vocabulary and the sample count of every shard, so that a reader
+  can plan an epoch without opening a tar.
+
+Samples are written in a seeded random order (``shuffle_seed``; ``None`` keeps the source
+order), as WebDataset's authors advise: a streaming reader then mixes classes even when the
+source is sorted (an image folder is). Images of a file-based source that are already JPEG or
+PNG are copied byte for byte (``image_format="auto"``), so a shard decodes to exactly what the
+source decodes to; other images are encoded as PNG (lossless) or JPEG. Every shard and the
+index are written atomically (a crash leaves no half file).
+
+Reading: ``data.shards`` names a shard folder, its ``shards.json``, or a brace pattern of local
+``.tar`` files (``/data/train-{000000..000099}.tar``; counted and their labels read at start
+when no ``shards.json`` beside them lists them). :class:`ShardImages` reads samples by random
+access (seek to the member) for evaluation and conversion; pre-training streams them with
+:class:`hvpmtl.data.shard_stream.ShardStream`. Only local files are read.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
+from hvpmtl.data.decode import read_image
+from hvpmtl.data.manifest import ImageFiles
+
+__all__ = ["INDEX_NAME", "ShardImages", "ShardIndex", "load_shard_index", "scan_shard", "write_shards"]
+
+INDEX_NAME = "shards.json"
+FORMAT = "hvpmtl-shards"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # WebDataset's key/extension split: up to the first dot
+
+
+@dataclass
+class ShardIndex:
+    """The shards of one split, in order: ``paths``, their sample ``counts`` and the vocabulary.
+    ``origin`` (the ``shards.json`` or the pattern) names them in errors."""
+
+    paths: list[Path]
+    counts: list[int]
+    classes: list[str]
+    origin: str
+    num_tagged: int | None = None  # samples with at least one label, when the index says
+    labels: dict[int, list[list[str]]] = field(default_factory=dict, repr=False)  # shard -> labels, when scanned
+    skipped: int = 0  # write_shards: unreadable source images left out
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.counts))
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Position of each shard's first sample in the index order (``len(paths) + 1`` values)."""
+        return np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """``"00000042.jpg"`` -> ``("00000042", "jpg")`` (WebDataset's rule); None for a name without a dot."""
+    m = _KEY.match(name)
+    return (m.group(1), m.group(2).lower()) if m else None
+
+
+def scan_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """The samples of one tar in member order: ``(key, {extension: (data offset, size)})``
+    (reads the headers only: the tar is seeked through)."""
+    samples: list[tuple[str, dict[str, tuple[int, int]]]] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                kx = split_key(m.name) if m.isreg() else None
+                if kx is None or os.path.basename(m.name).startswith("__"):
+                    continue
+                key, ext = kx
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = (m.offset_data, m.size)
+    except (tarfile.TarError, OSError) as err:
+        raise ValueError(f"{path}: not a readable tar file ({err})") from None
+    return samples
+
+
+def image_member(path: Path | str, key: str, members: Sequence[str]) -> str:
+    """The image extension among a sample's ``members``; ``ValueError`` naming the shard and key."""
+    for ext in IMAGE_EXTENSIONS:
+        if ext in members:
+            return ext
+    raise ValueError(f"{path}: sample '{key}' has no image member ({', '.join(sorted(members))}; "
+                     f"expected one of {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
+
+
+def parse_labels(data: bytes, where: str) -> tuple[list[str], int | None]:
+    """``(label names, source index or None)`` from a sample's JSON; ``ValueError`` naming ``where``."""
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{where}: not valid JSON ({err})") from None
+    labels = obj.get("labels") if isinstance(obj, dict) else None
+    if not isinstance(labels, list) or not all(isinstance(t, str) for t in labels):
+        raise ValueError(f'{where}: expected {{"labels": ["<name>", ...], "index": <int>}}, got {str(obj)[:200]}')
+    index = obj.get("index")
+    return labels, index if isinstance(index, int) and not isinstance(index, bool) else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    ok = isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("shards"), list)
+    ok = ok and isinstance(obj.get("classes"), list) and all(isinstance(c, str) for c in obj["classes"])
+    ok = ok and all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("samples"), int)
+                    and s["samples"] > 0 for s in obj["shards"])  # fmt: skip
+    if not ok or not obj["shards"]:
+        raise ValueError(f"{path}: not a shard index (expected format '{FORMAT}', classes and a non-empty "
+                         'shards list of {"name", "samples"}; hvpmtl data shard writes one)')  # fmt: skip
+    return obj
+
+
+def _expand(pattern: str, key: str) -> list[str]:
+    try:
+        from braceexpand import braceexpand
+    except ImportError:  # comes with webdataset
+        raise ValueError(f"{key}={pattern}: patterns need the 'shards' extra: pip install 'hvpmtl[shards]'") from None
+    return list(braceexpand(pattern))
+
+
+def load_shard_index(spec: str, key: str = "data.shards", classes: Sequence[str] | None = None) -> ShardIndex:
+    """The shards ``spec`` names (a folder with ``shards.json``, that file, or a brace pattern).
+
+    ``classes`` replaces the stored vocabulary (labels outside it are errors when read).
+    Missing files raise ``FileNotFoundError`` and malformed ones ``ValueError``, naming ``key``.
+    """
+    if not spec:
+        raise ValueError(f"{key}: not set (a folder with {INDEX_NAME}, or a pattern like x-{{000000..000009}}.tar)")
+    given = Path(spec)
+    if given.is_dir() or given.suffix == ".json":
+        file = given / INDEX_NAME if given.is_dir() else given
+        if not file.is_file():
+            raise FileNotFoundError(f"{key}: {file} not found (write shards with: hvpmtl data shard --out DIR)")
+        try:
+            obj = _read_json(file)
+        except ValueError as err:
+            raise ValueError(f"{key}: {err}") from None
+        paths = [file.parent / s["name"] for s in obj["shards"]]
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"{key}: {file} lists {missing[0].name}, which is not in {file.parent}{more}")
+        tagged = obj.get("num_tagged")
+        return ShardIndex(paths, [s["samples"] for s in obj["shards"]], list(classes or obj["classes"]), str(file),
+                          tagged if isinstance(tagged, int) and not classes else None)  # fmt: skip
+    paths = [Path(p) for p in _expand(spec, key)]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{key}: {missing[0]} not found ({len(missing)} of the {len(paths)} files of {spec})")
+    return _scan_pattern(paths, spec, key, classes)
+
+
+def _scan_pattern(paths: list[Path], spec: str, key: str, classes: Sequence[str] | None) -> ShardIndex:
+    """Counts (and, without a listing ``shards.json``, labels) of pattern-named shards."""
+    beside = paths[0].parent / INDEX_NAME
+    if beside.is_file():
+        obj = _read_json(beside)
+        listed = {(beside.parent / s["name"]).resolve(): s["samples"] for s in obj["shards"]}
+        if all(p.resolve() in listed for p in paths):
+            return ShardIndex(paths, [listed[p.resolve()] for p in paths], list(classes or obj["classes"]), spec)
+    counts, labels, names = [], {}, set()
+    for s, path in enumerate(paths):
+        members = scan_shard(path)
+        if not members:
+            raise ValueError(f"{key}: {path} holds no samples")
+        counts.append(len(members))
+        labels[s] = []
+        with open(path, "rb") as f:
+            for k, exts in members:
+                if "json" not in exts:
+                    raise ValueError(f"{key}: {path}: sample '{k}' has no .json member (its labels)")
+                f.seek(exts["json"][0])
+                tags, _ = parse_labels(f.read(exts["json"][1]), f"{path}: {k}.json")
+                labels[s].append(tags)
+                names.update(tags)
+    tagged = sum(1 for per in labels.values() for t in per if t)
+    return ShardIndex(paths, counts, list(classes or sorted(names)), spec, tagged, labels)
+
+
+class ShardImages(ImageFiles):
+    """The samples of a :class:`ShardIndex` by random access (seek to the member): items as
+    :class:`~hvpmtl.data.manifest.ImageFiles` (``image``, ``labels``, ``index``: the position in
+    the index order) with its ``on_bad_image`` policy; errors name ``shard.tar:key.ext``.
+    Construction reads every tar header and label (seconds for ~10^5 samples)."""
+
+    def __init__(self, index: ShardIndex, on_bad_image: str = "error", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        vocab = {name: k for k, name in enumerate(index.classes)}
+        paths, targets, self.locations = [], [], []
+        for s, path in enumerate(index.paths):
+            members = scan_shard(path)
+            if len(members) != index.counts[s]:
+                raise ValueError(f"{path}: {len(members)} samples, {index.origin} lists {index.counts[s]}")
+            with open(path, "rb") as f:
+                for j, (key, exts) in enumerate(members):
+                    ext = image_member(path, key, exts)
+                    where = f"{path}:{key}.{ext}"
+                    if s in index.labels:
+                        tags = index.labels[s][j]
+                    elif "json" not in exts:
+                        raise ValueError(f"{path}: sample '{key}' has no .json member (its labels)")
+                    else:
+                        f.seek(exts["json"][0])
+                        tags, _ = parse_labels(f.read(exts["json"][1]), f"{path}:{key}.json")
+                    unknown = [t for t in tags if t not in vocab]
+                    if unknown:
+                        raise ValueError(f"{where}: unknown label '{unknown[0]}' (not in the {len(vocab)} classes)")
+                    paths.append(where)
+                    targets.append(sorted({vocab[t] for t in tags}))
+                    self.locations.append((s, *exts[ext]))
+        super().__init__(paths, targets, index.classes, on_bad_image, None, max_pixels, f"shards {index.origin}")
+        self.shard_paths = list(index.paths)
+        self.num_tagged = sum(1 for t in targets if t)
+
+    def raw_bytes(self, i: int) -> bytes:
+        """Sample ``i``'s image member, as stored."""
+        s, offset, size = self.locations[i]
+        with open(self.shard_paths[s], "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+
+    def load_image(self, i: int) -> torch.Tensor:
+        return read_image(self.paths[i], self.max_pixels, data=self.raw_bytes(i))
+
+
+# ---------------------------------------------------------------------------------------------
+def _encode(image: torch.Tensor, fmt: str, quality: int) -> bytes:
+    pil = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=quality) if fmt == "jpg" else pil.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _source_bytes(dataset, i: int) -> tuple[bytes, str] | None:
+    """The source file (or shard member) of sample ``i`` when it is a JPEG or PNG file, as stored."""
+    if not isinstance(dataset, ImageFiles):
+        return None
+    data = dataset.raw_bytes(i) if isinstance(dataset, ShardImages) else Path(dataset.paths[i]).read_bytes()
+    if data[:3] == b"\xff\xd8\xff":
+        return data, "jpg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data, "png"
+    return None
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, 0  # fixed metadata: same input, same bytes
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_shards(
+    dataset,
+    out: str | Path,
+    prefix: str = "train",
+    samples_per_shard: int = 1000,
+    shuffle_seed: int | None = 0,
+    image_format: str = "auto",
+    jpeg_quality: int = 95,
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> ShardIndex:
+    """Write ``dataset`` (items with ``image`` uint8 ``3 x H x W`` and multi-hot ``labels``;
+    ``.classes``) as shards in ``out`` (layout in the module docstring); returns their index.
+
+    ``image_format``: ``auto`` (copy JPEG/PNG source files, encode the rest as PNG), ``png`` or
+    ``jpg``. Images a source skips (``data.on_bad_image=skip``) are left out and counted in the
+    returned index's ``skipped``. ``overwrite`` replaces an earlier index and its shards.
+    """
+    if image_format not in ("auto", "png", "jpg"):
+        raise ValueError(f"image_format={image_format!r}: choose auto, png or jpg")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
+        raise ValueError(f"prefix={prefix!r}: use letters, digits, '_', '.' and '-'")
+    from hvpmtl.engine.checkpoint import atomic_write
+
+    out = Path(out)
+    index_file = out / INDEX_NAME
+    old: list[Path] = []
+    if index_file.exists():
+        if not overwrite:
+            raise FileExistsError(f"{index_file} exists (pass --overwrite to replace those shards)")
+        try:
+            old = [out / s["name"] for s in _read_json(index_file)["shards"]]
+        except ValueError:
+            old = []
+        index_file.unlink()  # no index may list shards being rewritten
+    classes, n = list(dataset.classes), len(dataset)
+    order = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
+    width = max(8, len(str(n - 1)))
+    shards, skipped, tagged = [], 0, 0
+    for start in range(0, n, samples_per_shard):
+        name = f"{prefix}-{len(shards):06d}.tar"
+        written = 0
+
+        def write(f, chunk=order[start : start + samples_per_shard]) -> None:
+            nonlocal written, skipped, tagged
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for i in map(int, chunk):
+                    sample = dataset[i]
+                    if int(sample.get("index", i)) != i:  # the source substituted an unreadable image
+                        skipped += 1
+                        continue
+                    raw = _source_bytes(dataset, i) if image_format == "auto" else None
+                    fmt = "png" if image_format == "auto" else image_format
+                    data, ext = raw or (_encode(sample["image"], fmt, jpeg_quality), fmt)
+                    names = [classes[k] for k in torch.nonzero(sample["labels"] > 0).flatten().tolist()]
+                    key = f"{i:0{width}d}"
+                    _add(tar, f"{key}.{ext}", data)
+                    _add(tar, f"{key}.json", json.dumps({"labels": names, "index": i}).encode())
+                    written += 1
+                    tagged += bool(names)
+
+        atomic_write(out / name, write)
+        if written:
+            shards.append({"name": name, "samples": written})
+        else:
+            (out / name).unlink()
+        if progress is not None:
+            progress(f"{name}: {written} samples ({min(start + samples_per_shard, n)}/{n} read)")
+    if not shards:
+        raise ValueError(f"no sample could be written ({skipped} unreadable images skipped)")
+    total = sum(s["samples"] for s in shards)
+    meta = {"format": FORMAT, "version": 1, "classes": classes, "shards": shards, "samples": total,
+            "num_tagged": tagged, "shuffle_seed": shuffle_seed}  # fmt: skip
+    listing = ",\n".join("  " + json.dumps(s) for s in shards)  # one line per shard
+    text = json.dumps(meta | {"shards": 0}).replace('"shards": 0', f'"shards": [\n{listing}\n ]') + "\n"
+    atomic_write(index_file, lambda f: f.write(text.encode()))
+    for path in set(old) - {out / s["name"] for s in shards}:
+        path.unlink(missing_ok=True)
+    return ShardIndex([out / s["name"] for s in shards], [s["samples"] for s in shards], classes,
+                      str(index_file), tagged, skipped=skipped)  # fmt: skip

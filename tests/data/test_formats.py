@@ -1,0 +1,442 @@
+"""Users' formats (COCO, VOC, Open Images, Tencent ML-Images): labels, vocabularies, boxes, switches,
+errors naming file and element, ``hvpmtl data convert`` and pre-training on a format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import hvpmtl
+from conftest import tiny_config
+from hvpmtl.cli import main
+from hvpmtl.config import ConfigError
+from hvpmtl.data import ManifestImages, build_dataset, build_pretrain_dataset
+from hvpmtl.data.formats import READERS, CocoImages, OpenImagesLabels, TencentImages, VocabularyError, VocImages
+
+
+def _image(path: Path, size: tuple[int, int] = (20, 10), value: int = 120) -> Path:
+    """A small RGB file (``size`` = width, height); the suffix picks the codec."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, 255 - value, value // 2)).save(path)
+    return path
+
+
+def _labels(ds) -> list[list[int]]:
+    return [[int(v) for v in ds[i]["labels"]] for i in range(len(ds))]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures in each format's own layout
+
+
+def coco_layout(root: Path, annotations: list[dict] | None = None) -> Path:
+    """``root/annotations/instances_train.json`` + ``root/train/*.jpg``: 4 images, categories out of id order."""
+    images = [{"id": i, "file_name": f"{i:03d}.jpg", "width": 20, "height": 10} for i in (1, 2, 3, 4)]
+    for im in images:
+        _image(root / "train" / im["file_name"], value=10 * im["id"])
+    square = [[1.0, 2.0, 5.0, 2.0, 5.0, 6.0, 1.0, 6.0]]
+    default = [
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 4, 4], "iscrowd": 0, "segmentation": square},
+        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [10, 0, 5, 8], "iscrowd": 0, "segmentation": square},
+        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0, 0, 20, 10], "iscrowd": 1,
+         "segmentation": {"counts": [0, 200], "size": [10, 20]}},
+        {"id": 4, "image_id": 4, "category_id": 1, "bbox": [0, 0, 3, 3], "iscrowd": 0, "segmentation": square},
+    ]  # fmt: skip
+    data = {
+        "images": images,
+        "annotations": default if annotations is None else annotations,
+        "categories": [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}, {"id": 2, "name": "person"}],
+    }
+    path = root / "annotations" / "instances_train.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
+VOC_OBJECT = (
+    "<object><name>{name}</name><pose>Left</pose><truncated>0</truncated><difficult>{difficult}</difficult>"
+    "<bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
+)
+
+
+def voc_xml(path: Path, objects: list[tuple[str, int, tuple]], filename: str = "") -> None:
+    body = "".join(VOC_OBJECT.format(name=n, difficult=d, box=b) for n, d, b in objects)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        '<?xml version="1.0" encoding="utf-8"?>\n'
+        f"<annotation><folder>VOC2007</folder><filename>{filename or path.stem + '.jpg'}</filename>"
+        f"<size><width>20</width><height>10</height><depth>3</depth></size>{body}</annotation>\n"
+    )
+
+
+def voc_layout(root: Path) -> Path:
+    """``VOC2007/{Annotations,JPEGImages,ImageSets/Main}``; returns ``ImageSets/Main/train.txt``."""
+    voc = root / "VOC2007"
+    voc_xml(voc / "Annotations/000005.xml",
+            [("chair", 0, (3, 2, 10, 9)), ("chair", 1, (11, 1, 15, 5)), ("person", 1, (1, 1, 20, 10))])  # fmt: skip
+    voc_xml(voc / "Annotations/000007.xml", [("car", 0, (2, 3, 4, 5))])
+    voc_xml(voc / "Annotations/000009.xml", [])
+    for i in ("000005", "000007", "000009"):
+        _image(voc / f"JPEGImages/{i}.jpg")
+    (voc / "ImageSets/Main").mkdir(parents=True)
+    (voc / "ImageSets/Main/train.txt").write_text("000005\n000007\n000009\n")
+    (voc / "ImageSets/Main/val.txt").write_text("000007\n")
+    return voc / "ImageSets/Main/train.txt"
+
+
+OI_DESCRIPTIONS = "LabelName,DisplayName\n/m/cat,Cat\n/m/dog,Dog\n/m/car,Car\n/m/jag1,Jaguar\n/m/jag2,Jaguar\n"
+
+
+def oi_layout(root: Path, rows: list[str] | None = None) -> Path:
+    """``train-annotations-human-imagelabels.csv`` + ``oidv6-class-descriptions.csv`` + ``images/<ImageID>.jpg``."""
+    oi = root / "oi"
+    oi.mkdir()
+    (oi / "oidv6-class-descriptions.csv").write_text(OI_DESCRIPTIONS)
+    default = [
+        "000a1,verification,/m/cat,1",
+        "000a1,verification,/m/dog,0",
+        "000a1,machine,/m/car,0.3",
+        "000b2,crowdsource-verification,/m/dog,1",
+        "000b2,verification,/m/jag2,1",
+        "000c3,verification,/m/cat,0",
+    ]
+    lines = "\n".join(default if rows is None else rows)
+    (oi / "train-annotations-human-imagelabels.csv").write_text(f"ImageID,Source,LabelName,Confidence\n{lines}\n")
+    for image_id in ("000a1", "000b2", "000c3"):
+        _image(oi / "images" / f"{image_id}.jpg")
+    return oi / "train-annotations-human-imagelabels.csv"
+
+
+TENCENT_DICTIONARY = (
+    "n00002452\t-1\tthing\nn00020827\t-1\tmatter\nn02084071\t0\tdog, domestic dog\n"
+    "n07752966\t0\tcurrant\nn07744246\t1\tcurrant\n"
+)
+
+
+def tencent_layout(root: Path, lines: list[str] | None = None) -> Path:
+    """An image list as ``download_im_from_url.py`` writes it + ``dictionary_and_semantic_hierarchy.txt``."""
+    tc = root / "tencent"
+    tc.mkdir()
+    (tc / "dictionary_and_semantic_hierarchy.txt").write_text(TENCENT_DICTIONARY)
+    default = [
+        "im_0.jpeg\thttps://farm5.example.com/1_o.jpg\t2:0.9\t0:1",
+        "im_1.jpeg\t3:0.4\t4",
+        "im_2.jpeg  2:0.8  1:1.0",
+    ]
+    (tc / "train_im.txt").write_text("\n".join(default if lines is None else lines) + "\n")
+    for i in range(3):
+        _image(tc / "images" / f"im_{i}.jpeg")
+    return tc / "train_im.txt"
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO
+
+
+def test_coco_labels_vocabulary_boxes(tmp_path: Path):
+    ds = CocoImages(coco_layout(tmp_path))
+    assert ds.classes == ["cat", "person", "dog"] and ds.label_ids == ["1", "2", "3"]  # category-id order
+    assert _labels(ds) == [[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0]]  # crowd tags count, image 3 untagged
+    s = ds[0]
+    assert s["image"].dtype == torch.uint8 and s["image"].shape == (3, 10, 20) and s["index"] == 0
+    assert s["boxes"].tolist() == [[1, 2, 5, 6], [10, 0, 15, 8]] and s["box_labels"].tolist() == [0, 2]
+    assert ds[1]["boxes"].shape == (0, 4) and ds[1]["box_labels"].dtype == torch.long  # the crowd box dropped
+    assert ds.num_tagged == 3 and ds.image_ids == [1, 2, 3, 4] and ds.root == tmp_path / "train"
+
+
+def test_coco_masks_from_polygons(tmp_path: Path):
+    ds = CocoImages(coco_layout(tmp_path), masks=True)
+    masks = ds[0]["masks"]
+    assert masks.shape == (2, 10, 20) and masks.dtype == torch.uint8
+    assert masks[0, 4, 3] == 1 and masks[0, 9, 19] == 0  # inside / outside the square (1..5, 2..6)
+    assert ds[1]["masks"].shape == (0, 10, 20)
+
+
+def test_coco_given_vocabulary_reorders_and_drops(tmp_path: Path):
+    with pytest.warns(
+        UserWarning, match=r"1 labels of 1 classes outside the given vocabulary are ignored \(e.g. person"
+    ):
+        ds = CocoImages(coco_layout(tmp_path), classes=["dog", "1"])  # a name and a category id
+    assert ds.classes == ["dog", "cat"] and _labels(ds) == [[1, 1], [0, 0], [0, 0], [0, 1]]
+    assert ds[0]["box_labels"].tolist() == [1, 0]
+    with pytest.raises(VocabularyError, match=r"class 'horse' is not in .*instances_train\.json"):
+        CocoImages(coco_layout(tmp_path), classes=["horse"])
+
+
+@pytest.mark.parametrize(
+    ("annotation", "message"),
+    [
+        ({"id": 18, "image_id": 1, "category_id": 99, "bbox": [0, 0, 1, 1]},
+         r"instances_train\.json: annotations\[0\] \(id 18\): category_id 99 not in categories"),
+        ({"id": 7, "image_id": 42, "category_id": 1, "bbox": [0, 0, 1, 1]},
+         r"annotations\[0\] \(id 7\): image_id 42 not in images"),
+        ({"id": 5, "image_id": 1, "category_id": 1, "bbox": [0, 0, -1, 1]},
+         r"annotations\[0\] \(id 5\): bbox must be \[x, y, width, height\]"),
+        ({"id": 6, "image_id": 1, "category_id": "1"}, r"annotations\[0\] \(id 6\): 'category_id' must be an integer"),
+    ],
+)  # fmt: skip
+def test_coco_errors_name_file_and_element(tmp_path: Path, annotation: dict, message: str):
+    with pytest.raises(ValueError, match=message):
+        CocoImages(coco_layout(tmp_path, [annotation]))
+
+
+def test_coco_bad_json_and_missing_image(tmp_path: Path):
+    path = coco_layout(tmp_path)
+    path.write_text('{"images": [\n  {"id": 1,}\n]}')
+    with pytest.raises(ValueError, match=r"instances_train\.json:2: not valid JSON"):
+        CocoImages(path)
+    path = coco_layout(tmp_path / "b")
+    (tmp_path / "b/train/003.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"images\[2\] \(id 3\): image not found: .*003\.jpg"):
+        CocoImages(path)
+    with pytest.warns(UserWarning, match="1 of 4 listed images are absent"):
+        ds = CocoImages(path, missing_images="drop")
+    assert len(ds) == 3 and ds.num_dropped_images == 1 and ds.image_ids == [1, 2, 4]
+    assert _labels(ds)[2] == [1, 0, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# VOC
+
+
+def test_voc_difficult_switch(tmp_path: Path):
+    image_set = voc_layout(tmp_path)
+    ds = VocImages(image_set)
+    assert ds.classes == ["car", "chair", "person"]  # sorted names of the split, difficult ones included
+    assert _labels(ds) == [[0, 1, 0], [1, 0, 0], [0, 0, 0]]  # the difficult-only person is not a tag
+    assert ds[0]["boxes"].tolist() == [[2, 1, 10, 9]] and ds[0]["box_labels"].tolist() == [1]  # 1-based -> 0-based
+    assert ds.root == tmp_path / "VOC2007" and ds.num_tagged == 2
+    inc = VocImages(image_set, difficult="include")
+    assert _labels(inc)[0] == [0, 1, 1] and inc[0]["boxes"].shape == (3, 4)
+    assert inc[0]["box_labels"].tolist() == [1, 1, 2]
+    cfg = hvpmtl.load_config(None, ["data.dataset=voc", f"data.annotations={image_set}", "data.voc_difficult=include"])
+    assert _labels(build_dataset(cfg.data, 32)) == _labels(inc)
+    val_keys = [
+        "data.dataset=voc",
+        f"data.val_annotations={image_set.parent}/val.txt",
+        "data.classes=[car,chair,person]",
+    ]
+    val = build_dataset(hvpmtl.load_config(None, val_keys).data, 32, "val")
+    assert _labels(val) == [[1, 0, 0]]
+
+
+@pytest.mark.parametrize(
+    ("xml", "message"),
+    [
+        ("<annotation><object><difficult>0</difficult></object></annotation>", r"000007\.xml: <object> 1: no <name>"),
+        ("<annotation><object><name>car</name><bndbox><xmin>1</xmin><ymin>1</ymin><ymax>4</ymax></bndbox>"
+         "</object></annotation>", r"000007\.xml: <object> 1 \(car\): <bndbox> has no <xmax>"),
+        ("<annotation><object><name>car</name><difficult>yes</difficult></object></annotation>",
+         r"<object> 1 \(car\): <difficult> must be 0 or 1"),
+        ("<annotation>\n<object><name>car</name>\n</annotation>", r"000007\.xml:3: not valid XML"),
+    ],
+)  # fmt: skip
+def test_voc_errors_name_file_and_element(tmp_path: Path, xml: str, message: str):
+    image_set = voc_layout(tmp_path)
+    (image_set.parents[2] / "Annotations/000007.xml").write_text(xml)
+    with pytest.raises(ValueError, match=message):
+        VocImages(image_set)
+
+
+def test_voc_per_class_list_and_layout_errors(tmp_path: Path):
+    image_set = voc_layout(tmp_path)
+    image_set.write_text("000005  1\n")
+    with pytest.raises(ValueError, match=r"train\.txt:1: expected one image id per line"):
+        VocImages(image_set)
+    loose = tmp_path / "list.txt"
+    loose.write_text("000005\n")
+    with pytest.raises(ValueError, match=r"not in <root>/ImageSets/Main/; set data\.root"):
+        VocImages(loose)
+    assert _labels(VocImages(loose, tmp_path / "VOC2007")) == [[1, 0]]  # chair; person only difficult
+
+
+# ---------------------------------------------------------------------------------------------
+# Open Images
+
+
+def test_openimages_confidence_negatives_vocabulary(tmp_path: Path):
+    path = oi_layout(tmp_path)
+    ds = OpenImagesLabels(path, tmp_path / "oi/images")
+    assert ds.classes == ["Cat", "Dog", "Car", "Jaguar (/m/jag1)", "Jaguar (/m/jag2)"]
+    assert ds.label_ids == ["/m/cat", "/m/dog", "/m/car", "/m/jag1", "/m/jag2"]
+    assert _labels(ds) == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 1], [0, 0, 0, 0, 0]]  # car at 0.3: not a positive
+    assert ds[0]["negatives"].tolist() == [0, 1, 0, 0, 0] and ds[2]["negatives"].tolist() == [1, 0, 0, 0, 0]
+    assert "boxes" not in ds[0]
+    low = OpenImagesLabels(path, tmp_path / "oi/images", min_confidence=0.3)
+    assert _labels(low)[0] == [1, 0, 1, 0, 0]
+    with pytest.warns(
+        UserWarning, match=r"2 labels of 2 classes outside the given vocabulary .*\(e\.g\. Car, Jaguar\)"
+    ):
+        trainable = OpenImagesLabels(path, tmp_path / "oi/images", classes=["/m/dog", "Cat"])
+    assert trainable.classes == ["Dog", "Cat"] and _labels(trainable) == [[0, 1], [1, 0], [0, 0]]
+    with pytest.raises(VocabularyError, match=r"class 'Jaguar' names 2 classes .*\(/m/jag1, /m/jag2\); give its id"):
+        OpenImagesLabels(path, tmp_path / "oi/images", classes=["Jaguar"])
+
+
+def test_openimages_old_descriptions_split_folder_and_boxes(tmp_path: Path):
+    path = oi_layout(tmp_path)
+    (tmp_path / "oi/oidv6-class-descriptions.csv").unlink()
+    (tmp_path / "oi/class-descriptions.csv").write_text(
+        "/m/cat,Cat\n/m/dog,Dog\n/m/car,Car\n/m/jag1,Jaguar\n/m/jag2,Jag\n"
+    )
+    (tmp_path / "oi/images").rename(tmp_path / "oi/train")  # root/<split>/ is found from the file name
+    boxes = tmp_path / "oi/train-annotations-bbox.csv"
+    boxes.write_text(
+        "ImageID,Source,LabelName,Confidence,XMin,XMax,YMin,YMax,IsOccluded,IsTruncated,IsGroupOf,IsDepiction,IsInside\n"
+        "000b2,xclick,/m/dog,1,0.1,0.5,0.2,0.6,0,0,0,0,0\n000zz,xclick,/m/dog,1,0,1,0,1,0,0,0,0,0\n"
+    )
+    ds = OpenImagesLabels(path, boxes_csv=boxes)
+    assert ds.classes[3:] == ["Jaguar", "Jag"] and ds.root == tmp_path / "oi/train"
+    assert ds[1]["boxes"].shape == (1, 4)
+    assert ds[1]["boxes"][0].tolist() == pytest.approx([2, 2, 10, 6])  # fractions of the 20 x 10 image
+    assert ds[1]["box_labels"].tolist() == [1] and ds[0]["boxes"].shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (
+            "000a1,verification,/m/horse,1",
+            r"train-annotations-human-imagelabels\.csv:2: LabelName '/m/horse' is not in",
+        ),
+        ("000a1,verification,/m/cat,high", r"imagelabels\.csv:2: Confidence must be a number in \[0, 1\], got 'high'"),
+        ("000a1,verification,/m/cat", r"imagelabels\.csv:2: 3 fields, the header has 4"),
+    ],
+)
+def test_openimages_errors_name_file_and_line(tmp_path: Path, row: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        OpenImagesLabels(oi_layout(tmp_path, [row]), tmp_path / "oi/images")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tencent ML-Images
+
+
+def test_tencent_list_dictionary_threshold(tmp_path: Path):
+    path = tencent_layout(tmp_path)
+    ds = TencentImages(path, tmp_path / "tencent/images")
+    assert ds.classes == ["thing", "matter", "dog, domestic dog", "currant (n07752966)", "currant (n07744246)"]
+    assert ds.label_ids == ["n00002452", "n00020827", "n02084071", "n07752966", "n07744246"]
+    assert _labels(ds) == [[1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [0, 1, 1, 0, 0]]  # 3:0.4 under 0.5; bare 4 = 1.0
+    assert _labels(TencentImages(path, tmp_path / "tencent/images", min_confidence=0.4))[1] == [0, 0, 0, 1, 1]
+    assert _labels(TencentImages(path, tmp_path / "tencent/images", min_confidence=0.85)) == [
+        [1, 0, 1, 0, 0], [0, 0, 0, 0, 1], [0, 1, 0, 0, 0],
+    ]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"3 labels of 3 classes outside the given vocabulary"):
+        sub = TencentImages(path, tmp_path / "tencent/images", classes=["n07744246", "dog, domestic dog"])
+    assert sub.classes == ["currant", "dog, domestic dog"] and _labels(sub) == [[0, 1], [1, 0], [0, 1]]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("im_0.jpeg\t9:1", r"train_im\.txt:1: label index 9 is not in the dictionary \(5 classes\)"),
+        ("im_0.jpeg\t2:x", r"train_im\.txt:1: label '2:x' is not 'index:confidence'"),
+        ("im_0.jpeg\t2:1.5", r"train_im\.txt:1: label '2:1.5': confidence must be in \[0, 1\]"),
+        ("https://c4.example.com/1_o.jpg  3:1", r"train_im\.txt:1: 'https://.*' is a URL, not an image file"),
+    ],
+)
+def test_tencent_errors_name_file_and_line(tmp_path: Path, line: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        TencentImages(tencent_layout(tmp_path, [line]), tmp_path / "tencent/images")
+
+
+def test_tencent_bad_dictionary_line(tmp_path: Path):
+    path = tencent_layout(tmp_path)
+    (tmp_path / "tencent/dictionary_and_semantic_hierarchy.txt").write_text(TENCENT_DICTIONARY + "n0123 dog\n")
+    with pytest.raises(ValueError, match=r"dictionary_and_semantic_hierarchy\.txt:6: expected '<WordNet id><TAB>"):
+        TencentImages(path, tmp_path / "tencent/images")
+
+
+# ---------------------------------------------------------------------------------------------
+# config keys, convert, pre-training
+
+
+def _convert_args(tmp_path: Path, fmt: str) -> list[str]:
+    """The ``hvpmtl data convert`` arguments that read the fixture of ``fmt``."""
+    if fmt == "coco":
+        return ["--annotations", str(coco_layout(tmp_path))]
+    if fmt == "voc":
+        return ["--annotations", str(voc_layout(tmp_path)), "--voc-difficult", "include"]
+    if fmt == "openimages":
+        return ["--annotations", str(oi_layout(tmp_path)), "--root", str(tmp_path / "oi/images")]
+    return ["--annotations", str(tencent_layout(tmp_path)), "--root", str(tmp_path / "tencent/images"),
+            "--min-confidence", "0.3"]  # fmt: skip
+
+
+def _config_of(fmt: str, args: list[str]) -> list[str]:
+    keys = {"--annotations": "annotations", "--root": "root", "--voc-difficult": "voc_difficult",
+            "--min-confidence": "min_confidence"}  # fmt: skip
+    return [f"data.dataset={fmt}", *(f"data.{keys[k]}={v}" for k, v in zip(args[::2], args[1::2]))]
+
+
+@pytest.mark.parametrize("fmt", sorted(READERS))
+def test_convert_then_manifest_gives_the_same_labels(tmp_path: Path, capsys, fmt: str):
+    args = _convert_args(tmp_path, fmt)
+    out = tmp_path / "out" / f"{fmt}.jsonl"
+    assert main(["data", "convert", "--format", fmt, *args, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out.with_name(f'{fmt}.classes.txt')}" in printed and "data.dataset=manifest" in printed
+    direct = build_dataset(hvpmtl.load_config(None, _config_of(fmt, args)).data, 32)
+    converted = ManifestImages(out, classes=out.with_name(f"{fmt}.classes.txt"))
+    assert converted.classes == direct.classes and len(converted) == len(direct)
+    assert [Path(p).resolve() for p in converted.paths] == [Path(p).resolve() for p in direct.paths]
+    assert _labels(converted) == _labels(direct)
+    first = json.loads(out.read_text().splitlines()[0])
+    assert not Path(first["path"]).is_absolute()
+    if fmt == "openimages":
+        assert first["negatives"] == ["Dog"]
+
+
+def test_convert_errors_exit_2(tmp_path: Path, capsys):
+    path = coco_layout(tmp_path, [{"id": 17, "image_id": 1, "category_id": 99, "bbox": [0, 0, 1, 1]}])
+    rc = main(["data", "convert", "--format", "coco", "--annotations", str(path), "--out", str(tmp_path / "m.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: " in err and "annotations[0] (id 17): category_id 99 not in categories" in err
+    assert not (tmp_path / "m.jsonl").exists()
+    rc = main(["data", "convert", "--format", "voc", "--annotations", str(tmp_path / "no.txt"), "--out", "m.jsonl"])
+    assert rc == 2 and "no.txt" in capsys.readouterr().err
+
+
+def test_config_keys_are_checked_and_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"data\.voc_difficult='maybe': must be 'exclude' or 'include'"):
+        hvpmtl.load_config(None, ["data.voc_difficult=maybe"])
+    with pytest.raises(ConfigError, match=r"data\.min_confidence=1\.5: must be in \[0, 1\]"):
+        hvpmtl.load_config(None, ["data.min_confidence=1.5"])
+    cfg = hvpmtl.load_config(None, ["data.dataset=coco"])
+    with pytest.raises(ValueError, match=r"data\.annotations: not set \(the train split of data\.dataset=coco"):
+        build_dataset(cfg.data, 32)
+    with pytest.raises(ValueError, match=r"data\.val_annotations: not set"):
+        build_dataset(cfg.data, 32, "val")
+    path = tencent_layout(tmp_path)
+    cfg = hvpmtl.load_config(None, ["data.dataset=tencent", f"data.annotations={path}", "data.classes=[n999]",
+                                    f"data.root={tmp_path}/tencent/images"])  # fmt: skip
+    with pytest.raises(VocabularyError, match=r"data\.classes: class 'n999' is not in .*dictionary"):
+        build_dataset(cfg.data, 32)
+
+
+def test_format_without_tags_stops_pretraining(tmp_path: Path):
+    path = tencent_layout(tmp_path, ["im_0.jpeg\t2:0.8"])
+    base = ["data.dataset=tencent", f"data.annotations={path}", f"data.root={tmp_path}/tencent/images"]
+    with pytest.raises(ValueError, match=r"train_im\.txt: no tags: none of the 1 images has a positive label"):
+        build_pretrain_dataset(tiny_config(*base, "data.min_confidence=0.9"))
+    views = build_pretrain_dataset(tiny_config(*base, "data.rand_augment=false"))  # 32 x 32 views, 5 classes
+    assert views[0]["labels"].tolist() == [0, 0, 1, 0, 0] and views.classes[2] == "dog, domestic dog"
+
+
+@pytest.mark.slow
+def test_pretrain_two_steps_on_coco(tmp_path: Path, capsys):
+    path = coco_layout(tmp_path / "coco")
+    out = tmp_path / "run"
+    rc = main(["pretrain", "-c", "cpu-micro", "data.dataset=coco", f"data.annotations={path}", "data.batch_size=2",
+               "data.num_workers=0", "data.rand_augment=false", "train.max_steps=2", "train.progress=false",
+               "backbone.kwargs={depth: 1, embed_dim: 32, num_heads: 2}", "tasks.mlc.dim=32", "tasks.mlc.num_heads=2",
+               "tasks.mlc.ffn_dim=64", "tasks.swav.hidden_dim=32", "tasks.swav.out_dim=16",
+               "tasks.swav.num_prototypes=8", f"train.output_dir={out}"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    saved = (out / "config.yaml").read_text()
+    assert "dataset: coco" in saved and "num_classes: 3" in saved
