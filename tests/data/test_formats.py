@@ -1,140 +1,25 @@
 """Users' formats (COCO, VOC, Open Images, Tencent ML-Images): labels, vocabularies, boxes, switches,
-errors naming file and element, ``hvpmtl data convert`` and pre-training on a format."""
+errors naming file and element (fixtures in format_fixtures.py; convert and pre-training in
+test_formats_convert.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from format_fixtures import (
+    TENCENT_DICTIONARY,
+    _labels,
+    coco_layout,
+    oi_layout,
+    tencent_layout,
+    voc_layout,
+)
 
 import hvpmtl
-from conftest import tiny_config
-from hvpmtl.cli import main
-from hvpmtl.config import ConfigError
-from hvpmtl.data import ManifestImages, build_dataset, build_pretrain_dataset
-from hvpmtl.data.formats import READERS, CocoImages, OpenImagesLabels, TencentImages, VocabularyError, VocImages
-
-
-def _image(path: Path, size: tuple[int, int] = (20, 10), value: int = 120) -> Path:
-    """A small RGB file (``size`` = width, height); the suffix picks the codec."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (value, 255 - value, value // 2)).save(path)
-    return path
-
-
-def _labels(ds) -> list[list[int]]:
-    return [[int(v) for v in ds[i]["labels"]] for i in range(len(ds))]
-
-
-# ---------------------------------------------------------------------------------------------
-# fixtures in each format's own layout
-
-
-def coco_layout(root: Path, annotations: list[dict] | None = None) -> Path:
-    """``root/annotations/instances_train.json`` + ``root/train/*.jpg``: 4 images, categories out of id order."""
-    images = [{"id": i, "file_name": f"{i:03d}.jpg", "width": 20, "height": 10} for i in (1, 2, 3, 4)]
-    for im in images:
-        _image(root / "train" / im["file_name"], value=10 * im["id"])
-    square = [[1.0, 2.0, 5.0, 2.0, 5.0, 6.0, 1.0, 6.0]]
-    default = [
-        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 4, 4], "iscrowd": 0, "segmentation": square},
-        {"id": 2, "image_id": 1, "category_id": 3, "bbox": [10, 0, 5, 8], "iscrowd": 0, "segmentation": square},
-        {"id": 3, "image_id": 2, "category_id": 2, "bbox": [0, 0, 20, 10], "iscrowd": 1,
-         "segmentation": {"counts": [0, 200], "size": [10, 20]}},
-        {"id": 4, "image_id": 4, "category_id": 1, "bbox": [0, 0, 3, 3], "iscrowd": 0, "segmentation": square},
-    ]  # fmt: skip
-    data = {
-        "images": images,
-        "annotations": default if annotations is None else annotations,
-        "categories": [{"id": 3, "name": "dog"}, {"id": 1, "name": "cat"}, {"id": 2, "name": "person"}],
-    }
-    path = root / "annotations" / "instances_train.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
-    return path
-
-
-VOC_OBJECT = (
-    "<object><name>{name}</name><pose>Left</pose><truncated>0</truncated><difficult>{difficult}</difficult>"
-    "<bndbox><xmin>{box[0]}</xmin><ymin>{box[1]}</ymin><xmax>{box[2]}</xmax><ymax>{box[3]}</ymax></bndbox></object>"
-)
-
-
-def voc_xml(path: Path, objects: list[tuple[str, int, tuple]], filename: str = "") -> None:
-    body = "".join(VOC_OBJECT.format(name=n, difficult=d, box=b) for n, d, b in objects)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        '<?xml version="1.0" encoding="utf-8"?>\n'
-        f"<annotation><folder>VOC2007</folder><filename>{filename or path.stem + '.jpg'}</filename>"
-        f"<size><width>20</width><height>10</height><depth>3</depth></size>{body}</annotation>\n"
-    )
-
-
-def voc_layout(root: Path) -> Path:
-    """``VOC2007/{Annotations,JPEGImages,ImageSets/Main}``; returns ``ImageSets/Main/train.txt``."""
-    voc = root / "VOC2007"
-    voc_xml(voc / "Annotations/000005.xml",
-            [("chair", 0, (3, 2, 10, 9)), ("chair", 1, (11, 1, 15, 5)), ("person", 1, (1, 1, 20, 10))])  # fmt: skip
-    voc_xml(voc / "Annotations/000007.xml", [("car", 0, (2, 3, 4, 5))])
-    voc_xml(voc / "Annotations/000009.xml", [])
-    for i in ("000005", "000007", "000009"):
-        _image(voc / f"JPEGImages/{i}.jpg")
-    (voc / "ImageSets/Main").mkdir(parents=True)
-    (voc / "ImageSets/Main/train.txt").write_text("000005\n000007\n000009\n")
-    (voc / "ImageSets/Main/val.txt").write_text("000007\n")
-    return voc / "ImageSets/Main/train.txt"
-
-
-OI_DESCRIPTIONS = "LabelName,DisplayName\n/m/cat,Cat\n/m/dog,Dog\n/m/car,Car\n/m/jag1,Jaguar\n/m/jag2,Jaguar\n"
-
-
-def oi_layout(root: Path, rows: list[str] | None = None) -> Path:
-    """``train-annotations-human-imagelabels.csv`` + ``oidv6-class-descriptions.csv`` + ``images/<ImageID>.jpg``."""
-    oi = root / "oi"
-    oi.mkdir()
-    (oi / "oidv6-class-descriptions.csv").write_text(OI_DESCRIPTIONS)
-    default = [
-        "000a1,verification,/m/cat,1",
-        "000a1,verification,/m/dog,0",
-        "000a1,machine,/m/car,0.3",
-        "000b2,crowdsource-verification,/m/dog,1",
-        "000b2,verification,/m/jag2,1",
-        "000c3,verification,/m/cat,0",
-    ]
-    lines = "\n".join(default if rows is None else rows)
-    (oi / "train-annotations-human-imagelabels.csv").write_text(f"ImageID,Source,LabelName,Confidence\n{lines}\n")
-    for image_id in ("000a1", "000b2", "000c3"):
-        _image(oi / "images" / f"{image_id}.jpg")
-    return oi / "train-annotations-human-imagelabels.csv"
-
-
-TENCENT_DICTIONARY = (
-    "n00002452\t-1\tthing\nn00020827\t-1\tmatter\nn02084071\t0\tdog, domestic dog\n"
-    "n07752966\t0\tcurrant\nn07744246\t1\tcurrant\n"
-)
-
-
-def tencent_layout(root: Path, lines: list[str] | None = None) -> Path:
-    """An image list as ``download_im_from_url.py`` writes it + ``dictionary_and_semantic_hierarchy.txt``."""
-    tc = root / "tencent"
-    tc.mkdir()
-    (tc / "dictionary_and_semantic_hierarchy.txt").write_text(TENCENT_DICTIONARY)
-    default = [
-        "im_0.jpeg\thttps://farm5.example.com/1_o.jpg\t2:0.9\t0:1",
-        "im_1.jpeg\t3:0.4\t4",
-        "im_2.jpeg  2:0.8  1:1.0",
-    ]
-    (tc / "train_im.txt").write_text("\n".join(default if lines is None else lines) + "\n")
-    for i in range(3):
-        _image(tc / "images" / f"im_{i}.jpeg")
-    return tc / "train_im.txt"
-
-
-# ---------------------------------------------------------------------------------------------
-# COCO
+from hvpmtl.data import build_dataset
+from hvpmtl.data.formats import CocoImages, OpenImagesLabels, TencentImages, VocabularyError, VocImages
 
 
 def test_coco_labels_vocabulary_boxes(tmp_path: Path):
@@ -354,89 +239,3 @@ def test_tencent_bad_dictionary_line(tmp_path: Path):
 
 # ---------------------------------------------------------------------------------------------
 # config keys, convert, pre-training
-
-
-def _convert_args(tmp_path: Path, fmt: str) -> list[str]:
-    """The ``hvpmtl data convert`` arguments that read the fixture of ``fmt``."""
-    if fmt == "coco":
-        return ["--annotations", str(coco_layout(tmp_path))]
-    if fmt == "voc":
-        return ["--annotations", str(voc_layout(tmp_path)), "--voc-difficult", "include"]
-    if fmt == "openimages":
-        return ["--annotations", str(oi_layout(tmp_path)), "--root", str(tmp_path / "oi/images")]
-    return ["--annotations", str(tencent_layout(tmp_path)), "--root", str(tmp_path / "tencent/images"),
-            "--min-confidence", "0.3"]  # fmt: skip
-
-
-def _config_of(fmt: str, args: list[str]) -> list[str]:
-    keys = {"--annotations": "annotations", "--root": "root", "--voc-difficult": "voc_difficult",
-            "--min-confidence": "min_confidence"}  # fmt: skip
-    return [f"data.dataset={fmt}", *(f"data.{keys[k]}={v}" for k, v in zip(args[::2], args[1::2]))]
-
-
-@pytest.mark.parametrize("fmt", sorted(READERS))
-def test_convert_then_manifest_gives_the_same_labels(tmp_path: Path, capsys, fmt: str):
-    args = _convert_args(tmp_path, fmt)
-    out = tmp_path / "out" / f"{fmt}.jsonl"
-    assert main(["data", "convert", "--format", fmt, *args, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert f"{out.with_name(f'{fmt}.classes.txt')}" in printed and "data.dataset=manifest" in printed
-    direct = build_dataset(hvpmtl.load_config(None, _config_of(fmt, args)).data, 32)
-    converted = ManifestImages(out, classes=out.with_name(f"{fmt}.classes.txt"))
-    assert converted.classes == direct.classes and len(converted) == len(direct)
-    assert [Path(p).resolve() for p in converted.paths] == [Path(p).resolve() for p in direct.paths]
-    assert _labels(converted) == _labels(direct)
-    first = json.loads(out.read_text().splitlines()[0])
-    assert not Path(first["path"]).is_absolute()
-    if fmt == "openimages":
-        assert first["negatives"] == ["Dog"]
-
-
-def test_convert_errors_exit_2(tmp_path: Path, capsys):
-    path = coco_layout(tmp_path, [{"id": 17, "image_id": 1, "category_id": 99, "bbox": [0, 0, 1, 1]}])
-    rc = main(["data", "convert", "--format", "coco", "--annotations", str(path), "--out", str(tmp_path / "m.jsonl")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "error: " in err and "annotations[0] (id 17): category_id 99 not in categories" in err
-    assert not (tmp_path / "m.jsonl").exists()
-    rc = main(["data", "convert", "--format", "voc", "--annotations", str(tmp_path / "no.txt"), "--out", "m.jsonl"])
-    assert rc == 2 and "no.txt" in capsys.readouterr().err
-
-
-def test_config_keys_are_checked_and_named(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"data\.voc_difficult='maybe': must be 'exclude' or 'include'"):
-        hvpmtl.load_config(None, ["data.voc_difficult=maybe"])
-    with pytest.raises(ConfigError, match=r"data\.min_confidence=1\.5: must be in \[0, 1\]"):
-        hvpmtl.load_config(None, ["data.min_confidence=1.5"])
-    cfg = hvpmtl.load_config(None, ["data.dataset=coco"])
-    with pytest.raises(ValueError, match=r"data\.annotations: not set \(the train split of data\.dataset=coco"):
-        build_dataset(cfg.data, 32)
-    with pytest.raises(ValueError, match=r"data\.val_annotations: not set"):
-        build_dataset(cfg.data, 32, "val")
-    path = tencent_layout(tmp_path)
-    cfg = hvpmtl.load_config(None, ["data.dataset=tencent", f"data.annotations={path}", "data.classes=[n999]",
-                                    f"data.root={tmp_path}/tencent/images"])  # fmt: skip
-    with pytest.raises(VocabularyError, match=r"data\.classes: class 'n999' is not in .*dictionary"):
-        build_dataset(cfg.data, 32)
-
-
-def test_format_without_tags_stops_pretraining(tmp_path: Path):
-    path = tencent_layout(tmp_path, ["im_0.jpeg\t2:0.8"])
-    base = ["data.dataset=tencent", f"data.annotations={path}", f"data.root={tmp_path}/tencent/images"]
-    with pytest.raises(ValueError, match=r"train_im\.txt: no tags: none of the 1 images has a positive label"):
-        build_pretrain_dataset(tiny_config(*base, "data.min_confidence=0.9"))
-    views = build_pretrain_dataset(tiny_config(*base, "data.rand_augment=false"))  # 32 x 32 views, 5 classes
-    assert views[0]["labels"].tolist() == [0, 0, 1, 0, 0] and views.classes[2] == "dog, domestic dog"
-
-
-@pytest.mark.slow
-def test_pretrain_two_steps_on_coco(tmp_path: Path, capsys):
-    path = coco_layout(tmp_path / "coco")
-    out = tmp_path / "run"
-    rc = main(["pretrain", "-c", "cpu-micro", "data.dataset=coco", f"data.annotations={path}", "data.batch_size=2",
-               "data.num_workers=0", "data.rand_augment=false", "train.max_steps=2", "train.progress=false",
-               "backbone.kwargs={depth: 1, embed_dim: 32, num_heads: 2}", "tasks.mlc.dim=32", "tasks.mlc.num_heads=2",
-               "tasks.mlc.ffn_dim=64", "tasks.swav.hidden_dim=32", "tasks.swav.out_dim=16",
-               "tasks.swav.num_prototypes=8", f"train.output_dir={out}"])  # fmt: skip
-    assert rc == 0, capsys.readouterr().err
-    saved = (out / "config.yaml").read_text()
-    assert "dataset: coco" in saved and "num_classes: 3" in saved

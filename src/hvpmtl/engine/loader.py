@@ -108,3 +108,50 @@ def build_pretrain_loader(dataset, cfg: Any, env: DistEnv) -> tuple[Any, Any]:
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG out of it
     )
     return loader, sampler
+
+
+class DeviceFeed:
+    """The loop's micro-batches, on the device. With ``data.augment_on=device`` the workers sent
+    uint8 crops and per-sample parameters (pinned); flip, rotation, colour jitter, RandAugment
+    and normalisation run here, batched on the device, and :meth:`prefetch` makes the next
+    step's first micro-batch while the device still runs this step's backward, so the host's
+    launches of the batched ops overlap the device's work."""
+
+    def __init__(self, cfg: Any, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.on_device = cfg.data.augment_on == "device"
+        self.views = None  # DeviceViews, built at first use
+        self.ahead: tuple | None = None  # (iterator, step, batch) made by prefetch
+
+    def next(self, batches, step: int) -> dict:
+        """The next micro-batch of ``batches`` for optimiser step ``step``."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] is batches and ahead[1] == step:
+            return ahead[2]
+        batch = next(batches)
+        if self.on_device:
+            if self.views is None:
+                from hvpmtl.data import DeviceViews, build_view_transform
+
+                self.views = DeviceViews(build_view_transform(self.cfg))
+            batch = self.views(batch, self.device)
+        return to_device(batch, self.device)
+
+    def prefetch(self, batches, step: int, total_steps: int, steps_per_epoch: int) -> None:
+        """After step ``step``'s backward: make step ``step + 1``'s first micro-batch now (device
+        augmentation only; not across an epoch's end, where the loop starts a new iterator)."""
+        after = step + 1
+        if self.on_device and after < total_steps and after % steps_per_epoch:
+            self.ahead = (batches, after, self.next(batches, after))
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors (and lists of tensors) of a batch on ``device``, non-blocking on CUDA."""
+    nb = device.type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, (list, tuple)):
+            out[k] = [x.to(device, non_blocking=nb) for x in v]
+        else:
+            out[k] = v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
+    return out

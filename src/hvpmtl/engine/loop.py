@@ -38,7 +38,7 @@ from hvpmtl.engine.distributed import (
 from hvpmtl.engine.faults import Faults, SimulatedCrash  # noqa: F401  (SimulatedCrash: re-export)
 from hvpmtl.engine.grad_share import grad_shares
 from hvpmtl.engine.guards import BufferSnapshot, untrained_reason
-from hvpmtl.engine.loader import build_pretrain_loader
+from hvpmtl.engine.loader import DeviceFeed, build_pretrain_loader
 from hvpmtl.engine.loggers import check_loggers
 from hvpmtl.engine.metrics import MetricsLogger, format_summary, read_metrics, summarize
 from hvpmtl.engine.optim import build_optimizer
@@ -117,6 +117,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
 
         self.loader, self.sampler = build_pretrain_loader(self.dataset, cfg, env)
+        self.feed = DeviceFeed(cfg, env.device)
         spe = self.sampler.steps_per_epoch
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * spe
         warm = warmup_steps_for(cfg.optim.warmup_epochs, cfg.optim.warmup_steps, spe)
@@ -227,32 +228,6 @@ class Trainer:
         a = self.cfg.train.accum_steps
         return torch.tensor([1.0 if k in self.sum_keys else 1.0 / a for k in self.keys], device=self.env.device)
 
-    def _finish_views(self, batch: dict) -> dict:
-        """``data.augment_on=device``: the workers sent uint8 crops and parameters (pinned); flip,
-        rotation, colour jitter, RandAugment and normalisation run here, batched on the device."""
-        if self.cfg.data.augment_on != "device":
-            return batch
-        if getattr(self, "_device_views", None) is None:
-            from hvpmtl.data import DeviceViews, build_view_transform
-
-            self._device_views = DeviceViews(build_view_transform(self.cfg))
-        return self._device_views(batch, self.env.device)
-
-    def _next_batch(self, batches) -> dict:
-        """The next micro-batch, on the device; the first of a step may have been made ahead."""
-        ahead, self._ahead = getattr(self, "_ahead", None), None
-        if ahead is not None and ahead[0] is batches and ahead[1] == self.step:
-            return ahead[2]
-        return _to_device(self._finish_views(next(batches)), self.env.device)
-
-    def _views_ahead(self, batches) -> None:
-        """``data.augment_on=device``: make the next step's views now, while the device still runs
-        this step's backward, so the host's launches of the batched ops overlap the device's work
-        (not across an epoch's end: the loop starts a new iterator there)."""
-        after = self.step + 1
-        if self.cfg.data.augment_on == "device" and after < self.total_steps and after % self.sampler.steps_per_epoch:
-            self._ahead = (batches, after, self._next_batch(batches))
-
     def _train_step(self, batches) -> tuple[torch.Tensor, torch.Tensor, bool]:
         t, dev = self.cfg.train, self.env.device
         for g in self.optimizer.param_groups:
@@ -265,7 +240,7 @@ class Trainer:
         bad = torch.zeros((), device=dev)
         buffers = BufferSnapshot(self.inner)  # BatchNorm statistics etc., put back if the step is skipped
         for a in range(t.accum_steps):
-            batch = self._next_batch(batches)
+            batch = self.feed.next(batches, self.step)
             with gradient_sync(self.model, a == t.accum_steps - 1):
                 with amp:
                     out = self.model(batch)
@@ -286,7 +261,7 @@ class Trainer:
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         if self.scaler is None:
             bad += (~torch.isfinite(norm)).float()  # fp16 overflows are the scaler's business
-        self._views_ahead(batches)
+        self.feed.prefetch(batches, self.step, self.total_steps, self.sampler.steps_per_epoch)
         ok = all_reduce_sum(bad, self.env).item() == 0  # the one per-step host sync
         if ok:
             if self.scaler is not None:
@@ -409,15 +384,3 @@ class Trainer:
                 print(skipped_line)
             print(f"run folder: {self.run_dir}")
         return result
-
-
-def _to_device(batch: dict, device: torch.device) -> dict:
-    nb = device.type == "cuda"
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, (list, tuple)):
-            out[k] = [x.to(device, non_blocking=nb) for x in v]
-        else:
-            out[k] = v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v
-    return out
-
