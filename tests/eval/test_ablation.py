@@ -53,6 +53,30 @@ def test_table_is_mean_and_sample_std_with_the_best_in_bold(tmp_path):
     assert lines[2] == "| all four (HVP-MTL) | **52.0 ± 2.8** |"
     assert lines[3] == "| MIM only | 40.0 |"  # one seed of two finished: no std
     assert lines[4] == "| random init | 31.0 ± 1.4 |"
+    assert "| probe | MIM only | +10.0 | yes | — |" in lines  # paired over the one seed MIM has
+
+
+def test_lead_table_pairs_seeds_finds_the_closest_mix_and_checks_the_bar(tmp_path):
+    ev = Evaluation("probe", "linprobe")
+    plan = Ablation(tmp_path, "cpu-tiny", [], ["full", "mlc", "mim"], [0, 1, 2], [ev])
+    scores = {"full": [60.0, 62.0, 64.0], "mlc": [59.5, 60.5, 63.0], "mim": [50.0, 51.0, 52.0],
+              "pixels": [58.0, 58.0, 58.0]}  # fmt: skip
+    for mix, values in scores.items():
+        for seed, v in enumerate(values):
+            d = plan.result_dir(ev, mix, seed)
+            d.mkdir(parents=True)
+            (d / "r.json").write_text(json.dumps({"metrics": {"top1": v}}))
+    assert plan.paired_differences("probe", "full", "mlc") == [0.5, 1.5, 1.0]
+    row = plan.lead_table().splitlines()[2]
+    assert row == "| probe | MLC only | +1.0 ± 0.5 | yes | +4.0 |"  # mean of the paired differences: 1.0
+    assert plan.lead_table(bar=1.5).splitlines()[2].split(" | ")[3] == "no"
+    for seed in (1, 2):  # MLC's cells for seeds 1 and 2 go missing: its lead is 0.5, on seed 0 alone
+        for f in plan.result_dir(ev, "mlc", seed).glob("*.json"):
+            f.unlink()
+    assert plan.lead_table().splitlines()[2] == "| probe | MLC only | +0.5 | no | +4.0 |"
+    (plan.result_dir(ev, "mlc", 0) / "r.json").unlink()  # no MLC result at all: the verdict waits
+    assert plan.lead_table().splitlines()[2] == "| probe | MIM only | +11.0 ± 1.0 | — (cells missing) | +4.0 |"
+    assert Ablation(tmp_path, "cpu-tiny", [], ["mlc"], [0], [ev]).lead_table() == ""
 
 
 def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsys):

@@ -181,7 +181,41 @@ class Ablation:
         seeds = ", ".join(map(str, self.seeds))
         lines.append(f"\n{len(self.seeds)} seed(s) ({seeds}); mean ± sample std. Metric: mAP on multi-label "
                      "data, top-1 on single-label data (%).")  # fmt: skip
-        return "\n".join(lines)
+        lead = self.lead_table()
+        return "\n".join(lines) + (f"\n\n{lead}" if lead else "")
+
+    def paired_differences(self, column: str, mix: str, other: str) -> list[float]:
+        """``mix - other`` in ``column`` for each seed where both have a result (paired: every
+        mix of one seed starts from the same weights and reads the same data)."""
+        ev = next(e for e in self.evals if e.name == column)
+        pairs = [(self.result(ev, mix, s), self.result(ev, other, s)) for s in self.seeds]
+        return [a - b for a, b in pairs if a is not None and b is not None]
+
+    def lead_table(self, mix: str = "full", bar: float = 1.0) -> str:
+        """Does the combination win? Per column, the other pre-training closest to ``mix`` (the
+        smallest mean paired difference over seeds), that lead (mean ± std), and whether ``mix``
+        leads every other pre-training by at least ``bar`` points; then its lead over raw pixels.
+        Empty when ``mix`` or no other pre-training is in the plan."""
+        others = [m for m in self.mixes if m != mix]
+        if mix not in self.mixes or not others:
+            return ""
+        name = LABELS.get(mix, mix).split(" (")[0]
+        lines = [f"| column | closest other pre-training | lead of {name} (paired over seeds) "
+                 f"| ≥ {bar:g} point over every other | lead over raw pixels |",
+                 "|---|---|---:|:-:|---:|"]  # fmt: skip
+        for ev in self.evals:
+            leads = {o: d for o in others if (d := self.paired_differences(ev.name, mix, o))}
+            if not leads:
+                continue
+            closest = min(leads, key=lambda o: mean_std(leads[o])[0])
+            m, s = mean_std(leads[closest])
+            complete = len(leads) == len(others)
+            verdict = ("yes" if m >= bar else "no") if complete else "— (cells missing)"
+            pix = self.paired_differences(ev.name, mix, "pixels")
+            pixels = f"{mean_std(pix)[0]:+.1f}" if pix else "—"
+            spread = f" ± {s:.1f}" if len(leads[closest]) > 1 else ""
+            lines.append(f"| {ev.name} | {LABELS.get(closest, closest)} | {m:+.1f}{spread} | {verdict} | {pixels} |")
+        return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
