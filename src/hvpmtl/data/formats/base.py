@@ -180,6 +180,12 @@ class FormatImages(ImageFiles):
         raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
 
     @staticmethod
+    def file_options(cfg: DataConfig) -> dict:
+        """The keyword arguments every format takes from ``data.*``: file checks and bad images."""
+        return {"check_files": cfg.check_files, "missing_images": cfg.missing_images,
+                "on_bad_image": cfg.on_bad_image, "max_pixels": cfg.max_image_pixels}  # fmt: skip
+
+    @staticmethod
     def _check_files(
         records: Sequence[ImageRecord], check: bool, policy: str, origin: str | Path
     ) -> tuple[list[ImageRecord], int]:

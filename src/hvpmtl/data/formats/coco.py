@@ -173,10 +173,7 @@ class CocoImages(FormatImages):
             annotations,
             cfg.root,
             classes,
-            check_files=cfg.check_files,
-            missing_images=cfg.missing_images,
-            on_bad_image=cfg.on_bad_image,
-            max_pixels=cfg.max_image_pixels,
+            **cls.file_options(cfg),
         )
 
     def __getitem__(self, index: int) -> dict:

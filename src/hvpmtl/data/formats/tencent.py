@@ -139,10 +139,7 @@ class TencentImages(FormatImages):
             classes,
             dictionary=cfg.dictionary or None,
             min_confidence=cfg.min_confidence,
-            check_files=cfg.check_files,
-            missing_images=cfg.missing_images,
-            on_bad_image=cfg.on_bad_image,
-            max_pixels=cfg.max_image_pixels,
+            **cls.file_options(cfg),
         )
 
     @staticmethod

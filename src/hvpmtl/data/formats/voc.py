@@ -168,8 +168,5 @@ class VocImages(FormatImages):
             cfg.root,
             classes,
             difficult=cfg.voc_difficult,
-            check_files=cfg.check_files,
-            missing_images=cfg.missing_images,
-            on_bad_image=cfg.on_bad_image,
-            max_pixels=cfg.max_image_pixels,
+            **cls.file_options(cfg),
         )
