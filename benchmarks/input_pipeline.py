@@ -1,7 +1,8 @@
 """Input-pipeline throughput: loader alone, end-to-end training and model alone, in img/s.
 
 For each data set (the built-in synthetic scenes; a JPEG manifest generated in a temporary
-folder at ``--jpeg-size``) and each ``data.augment_on`` (``cpu``: every view made in the
+folder at ``--jpeg-size``; the same JPEGs as WebDataset shards, read as ``data.dataset=shards``
+streams, one per loader worker by default) and each ``data.augment_on`` (``cpu``: every view made in the
 workers; ``device``: workers crop to uint8, the rest batched on the device), it measures
 
 * loader: batches out of the training DataLoader, views finished on the device, per second;
@@ -13,7 +14,8 @@ All three use the ``Trainer`` a ``hvpmtl pretrain`` run builds from the preset, 
 DataLoader, sampler, precision and step are those of a real run.
 
     python benchmarks/input_pipeline.py --preset cpu-tiny --device cpu --workers 1 --batch 32 --steps 5
-    python benchmarks/input_pipeline.py --preset paper-vit-b --device cuda --workers 14 --batch 256 --steps 20
+    python benchmarks/input_pipeline.py --preset paper-vit-b --device cuda --workers 14 --batch 256 --steps 90 \
+        --precision bf16 --datasets jpeg shards
 
 Prints a markdown table and writes a CSV (``--out``).
 """
@@ -32,8 +34,10 @@ import torch
 from PIL import Image
 
 import hvpmtl
+from hvpmtl.data import ManifestImages
+from hvpmtl.data.shards import write_shards
 from hvpmtl.engine.distributed import init_distributed
-from hvpmtl.engine.loop import Trainer, _to_device
+from hvpmtl.engine.loop import Trainer
 from hvpmtl.engine.run_dir import unlock_run_dir
 
 TAGS = [f"tag{i}" for i in range(10)]
@@ -61,6 +65,11 @@ def write_jpeg_manifest(folder: Path, count: int, size: tuple[int, int], files: 
     return manifest
 
 
+def shard_streams(workers: int, batch: int) -> int:
+    """The fewest streams that give every worker one (``>= workers``) and divide ``batch``."""
+    return next(k for k in range(max(workers, 1), batch + 1) if batch % k == 0)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -73,19 +82,21 @@ def loader_rate(trainer: Trainer, warmup: int, steps: int) -> float:
     warmup = max(warmup, 2 * trainer.cfg.data.num_workers)
     trainer.sampler.set_epoch(0, 0)
     batches = iter(trainer.loader)
-    for _ in range(warmup):
-        _to_device(trainer._finish_views(next(batches)), dev)
+    for step in range(warmup):
+        trainer.feed.next(batches, step)
     sync(dev)
     start = time.perf_counter()
-    for _ in range(steps):
-        _to_device(trainer._finish_views(next(batches)), dev)
+    for step in range(steps):
+        trainer.feed.next(batches, warmup + step)
     sync(dev)
     return steps * trainer.cfg.data.batch_size / (time.perf_counter() - start)
 
 
 def step_rate(trainer: Trainer, batches, warmup: int, steps: int) -> float:
     """Training steps per second, counted as ``Trainer.fit`` counts them (each step ends with its
-    one host sync; under ``augment_on=device`` it starts the next step's views before that sync)."""
+    one host sync; under ``augment_on=device`` it starts the next step's views before that sync).
+    Steps from the loader warm up as :func:`loader_rate` does, past the batches the workers made
+    while starting, so that the rate is the steady state's."""
     trainer.model.train()
     trainer.step = 0
     for _ in range(warmup):
@@ -100,18 +111,36 @@ def step_rate(trainer: Trainer, batches, warmup: int, steps: int) -> float:
     return steps * trainer.cfg.data.batch_size / (time.perf_counter() - start)
 
 
-def measure(overrides: list[str], preset: str, warmup: int, steps: int, model_only: bool) -> dict:
+def profile_steps(trainer: Trainer, steps: int = 4, rows: int = 30) -> str:
+    """torch.profiler's table (by self CPU time) of ``steps`` end-to-end training steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.sampler.set_epoch(0, 0)
+    batches = iter(trainer.loader)
+    step_rate(trainer, batches, max(2, 2 * trainer.cfg.data.num_workers), 1)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.env.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            trainer._train_step(batches)
+            trainer.step += 1
+        sync(trainer.env.device)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def measure(overrides: list[str], preset: str, warmup: int, steps: int, model_only: bool, prof: bool = False) -> dict:
     cfg = hvpmtl.load_config(preset, overrides)
     env = init_distributed(cfg.train.device, cfg.dist.backend, cfg.dist.timeout_min)
     trainer = Trainer(cfg, env)
     try:
         row = {"loader": loader_rate(trainer, warmup, steps)}
         trainer.sampler.set_epoch(0, 0)
-        row["end_to_end"] = step_rate(trainer, iter(trainer.loader), warmup, steps)
+        row["end_to_end"] = step_rate(trainer, iter(trainer.loader), max(warmup, 2 * cfg.data.num_workers), steps)
+        if prof:
+            print(profile_steps(trainer), flush=True)
         if model_only:
             trainer.sampler.set_epoch(0, 0)
-            batch = _to_device(trainer._finish_views(next(iter(trainer.loader))), env.device)
-            trainer.cfg.data.augment_on = "cpu"  # the batch is finished: nothing left to do per step
+            batch = trainer.feed.next(iter(trainer.loader), 0)
+            trainer.feed.on_device = False  # the batch is finished: nothing left to do per step
             row["model"] = step_rate(trainer, itertools.repeat(batch), warmup, steps)
     finally:
         trainer.logger.close()
@@ -125,41 +154,51 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, nargs="+", default=[2], help="DataLoader workers (one row each)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup), rounded up to whole waves")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--datasets", nargs="+", default=["scenes", "jpeg"], choices=["scenes", "jpeg"])
+    p.add_argument("--datasets", nargs="+", default=["scenes", "jpeg"], choices=["scenes", "jpeg", "shards"])
     p.add_argument("--paths", nargs="+", default=["cpu", "device"], choices=["cpu", "device"])
     p.add_argument("--jpeg-size", default="500x375", help="W x H of the generated JPEGs (ImageNet's mean is ~500x375)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: the preset's")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's table of 4 end-to-end steps per row")
     p.add_argument("--out", default="benchmarks/input_pipeline.csv")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
 
-    count = (max(args.warmup, 2 * max(args.workers)) + args.steps + 1) * args.batch  # each pass starts anew
+    # Workers hand out whole batches (with shards, parts of every batch) in waves of one per
+    # worker: a timed window of a whole number of waves reads the steady rate, a short one does not
+    windows = {w: -(-args.steps // max(w, 1)) * max(w, 1) for w in args.workers}
+    count = (max(args.warmup, 2 * max(args.workers)) + max(windows.values()) + 6) * args.batch  # each pass starts anew
     width, height = (int(v) for v in args.jpeg_size.lower().split("x"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        manifest = write_jpeg_manifest(tmp / "jpeg", count, (width, height))
         data = {
-            "scenes": ["data.dataset=synthetic", f"data.train_size={count}"],
-            "jpeg": ["data.dataset=manifest", f"data.root={tmp / 'jpeg'}", "data.num_classes=10",
-                     f"data.manifest={write_jpeg_manifest(tmp / 'jpeg', count, (width, height))}"],
+            "scenes": lambda w: ["data.dataset=synthetic", f"data.train_size={count}"],
+            "jpeg": lambda w: ["data.dataset=manifest", f"data.root={tmp / 'jpeg'}", "data.num_classes=10",
+                               f"data.manifest={manifest}"],
+            "shards": lambda w: ["data.dataset=shards", f"data.shards={tmp / 'shards'}",
+                                 f"data.shard_streams={shard_streams(w, args.batch)}"],
         }  # fmt: skip
+        if "shards" in args.datasets:
+            write_shards(ManifestImages(manifest, root=tmp / "jpeg"), tmp / "shards", samples_per_shard=500)
         model_done = False
         for n, (name, workers, path) in enumerate(itertools.product(args.datasets, args.workers, args.paths)):
             overrides = [
-                *data[name], f"data.batch_size={args.batch}", f"data.num_workers={workers}",
+                *data[name](workers), f"data.batch_size={args.batch}", f"data.num_workers={workers}",
                 f"data.augment_on={path}", f"train.device={args.device}", "eval.knn_every=0",
                 f"train.max_steps={count // args.batch}", f"train.output_dir={tmp / f'run{n}'}",
                 "train.progress=false", *([f"train.precision={args.precision}"] if args.precision else []),
                 *args.overrides,
             ]  # fmt: skip
-            r = measure(overrides, args.preset, args.warmup, args.steps, model_only=not model_done)
+            r = measure(overrides, args.preset, args.warmup, windows[workers], not model_done, args.profile)
             model_done = model_done or "model" in r
             model = r.get("model", rows[0]["model_img_s"] if rows else float("nan"))
             row = {"preset": args.preset, "device": args.device, "dataset": name, "augment_on": path,
-                   "workers": workers, "batch": args.batch, "loader_img_s": round(r["loader"], 1),
+                   "workers": workers, "batch": args.batch, "steps": windows[workers],
+                   "loader_img_s": round(r["loader"], 1),
                    "end_to_end_img_s": round(r["end_to_end"], 1), "model_img_s": round(model, 1),
                    "end_to_end_vs_model": round(r["end_to_end"] / model, 3)}  # fmt: skip
             rows.append(row)

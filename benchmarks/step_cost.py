@@ -146,7 +146,7 @@ class Run:
         C = num_classes(preset, args)
         model, cfg = build_variant(preset, variant, C, args.device, args.set)
         if compiled:
-            compile_model(model)
+            compile_model(model, args.compile_scope)
         self.train_step = make_step(model, cfg, make_batch(cfg, args.batch, C, args.device), args.device,
                                     args.precision)  # fmt: skip
         t0 = time.perf_counter()
@@ -227,7 +227,7 @@ def _row(preset: str, variant: str, args: argparse.Namespace, compiled: bool, fl
     wall = statistics.median(run.wall) if run else math.nan
     cpu = statistics.median(run.cpu) if run else math.nan
     return {
-        "preset": preset, "variant": variant, "mode": "compiled" if compiled else "eager",
+        "preset": preset, "variant": variant, "mode": f"compiled:{args.compile_scope}" if compiled else "eager",
         "device": args.device, "precision": args.precision, "batch": args.batch,
         "classes": num_classes(preset, args), "img_per_s": args.batch / wall, "step_ms": 1e3 * wall,
         "cpu_ms": 1e3 * cpu, "gflop_per_img": flops / args.batch / 1e9, "tflop_per_s": flops / wall / 1e12,
@@ -288,7 +288,7 @@ def profile(preset: str, variant: str, args: argparse.Namespace, steps: int = 3)
     C = num_classes(preset, args)
     model, cfg = build_variant(preset, variant, C, args.device, args.set)
     if args.compile:
-        compile_model(model)
+        compile_model(model, args.compile_scope)
     step = make_step(model, cfg, make_batch(cfg, args.batch, C, args.device), args.device, args.precision)
     for _ in range(max(args.warmup, 1)):
         step()
@@ -324,6 +324,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config overrides for every preset")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs (on the meta device) and time nothing")
     p.add_argument("--compile", action="store_true", help="also time each variant compiled (torch.compile)")
+    p.add_argument(
+        "--compile-scope",
+        default="backbone",
+        choices=["backbone", "model"],
+        help="with --compile: the backbones as train.compile does (default), or the whole forward",
+    )
     p.add_argument(
         "--peak-size",
         type=int,

@@ -231,9 +231,12 @@ def count_flops(model: nn.Module, batch: dict) -> int:
     return int(counter.get_total_flops())
 
 
-def compile_model(model: nn.Module) -> None:
-    """Compile as the loop does (``train.compile``): the backbones, not the heads."""
-    if isinstance(model, HVPMTL):
+def compile_model(model: nn.Module, scope: str = "backbone") -> None:
+    """Compile as the loop does (``train.compile``, ``scope="backbone"``): the backbones, not the
+    heads; or (``scope="model"``) the whole forward, heads and losses included."""
+    if scope == "model":
+        model.compile()
+    elif isinstance(model, HVPMTL):
         _compile_hvp(model)
     else:
         model.compile_parts()

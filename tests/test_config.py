@@ -34,6 +34,7 @@ def test_presets_load_and_override():
     ("tasks.swav.stabilize=log", "tasks.swav.stabilize"),
     ("tasks.mlc.focusing=other", "tasks.mlc.focusing"),
     ("backbone.name=not_a_model", "backbone.name"),
+    ("data.prefetch_factor=0", "data.prefetch_factor"),
     ("bogus=1", "bogus"),
     ("novalue", "key=value"),
 ])

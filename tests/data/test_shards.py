@@ -113,8 +113,14 @@ def _epoch(index, world: int, workers: int, accum: int = 1, epoch: int = 0, star
         stream.distribute(rank, world, accum)
         stream.check_workers(workers)
         stream.set_epoch(epoch, start)
-        out.append([[s["index"] for s in batch] for batch in ShardLoader(stream, workers)])
+        loader = ShardLoader(stream, workers, prefetch_factor=kw.get("prefetch", 2))
+        out.append([[s["index"] for s in batch] for batch in loader])
     return out
+
+
+def test_deeper_prefetch_keeps_the_batches(ordered):
+    """data.prefetch_factor changes how far the workers read ahead, not what a batch holds."""
+    assert _epoch(ordered, 1, 2, prefetch=5) == _epoch(ordered, 1, 2)
 
 
 @pytest.mark.parametrize("world, workers, accum", [(1, 1, 1), (1, 2, 2), (2, 2, 1), (4, 0, 2)])

@@ -63,6 +63,7 @@ class DataConfig:
     num_workers: int = 2
     pin_memory: bool = True
     persistent_workers: bool = True  # ignored when num_workers is 0
+    prefetch_factor: int = 2  # items each worker keeps ready (a batch; with shards, its part of one)
     augment_on: str = "cpu"  # cpu | device: workers only crop (uint8); flip, jitter, rotation, RandAugment batched
 
     # views (SPEC: random resized crop, flip, colour jitter, rotation, RandAugment)
@@ -108,6 +109,7 @@ class DataConfig:
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.shard_streams >= 1, "shard_streams", "must be >= 1")
+        check(self.prefetch_factor >= 1, "prefetch_factor", "must be >= 1")
         check(self.shard_shuffle >= 1, "shard_shuffle", "must be >= 1 (1 = read order)")
         check(self.augment_on in ("cpu", "device"), "augment_on", "must be 'cpu' or 'device'")
         check(len(self.mean) == 3, "mean", "needs 3 values (RGB)")

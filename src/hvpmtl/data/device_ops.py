@@ -10,6 +10,8 @@ an integer; tests/data/test_device_views.py states the tolerance per op).
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as nnf
 from torchvision.transforms.v2 import functional as F
@@ -19,6 +21,13 @@ RAND_AUGMENT_OPS = (
     "Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
     "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize",
 )  # fmt: skip  (the ops of torchvision's RandAugment table that rand_augment_op applies)
+
+
+@cache
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A constant tensor, made once per device: a tensor built from Python values on a CUDA device
+    is a copy from pageable host memory, which waits for the device each time. Read-only."""
+    return torch.tensor(values, device=device)
 
 
 def _per_image(values: torch.Tensor) -> torch.Tensor:
@@ -87,7 +96,7 @@ def _hsv_to_rgb(image: torch.Tensor) -> torch.Tensor:
     t = sxf.add_(one_minus_s).mul_(v).clamp_(0.0, 1.0)
     p = one_minus_s.mul_(v).clamp_(0.0, 1.0)
     vpqt = torch.stack((v, p, q, t), dim=-3)
-    select = torch.tensor([[0, 2, 1, 1, 3, 0], [3, 0, 0, 2, 1, 1], [1, 1, 3, 0, 0, 2]], device=image.device)
+    select = _constant(((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2)), image.device)
     return vpqt.gather(-3, select[:, i].moveaxis(0, -3))
 
 
@@ -104,7 +113,7 @@ def sharpness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     if x.shape[-1] <= 2 or x.shape[-2] <= 2:
         return x
     a, b = 1.0 / 13.0, 5.0 / 13.0
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=x.device).expand(x.shape[-3], 1, 3, 3)
+    kernel = _constant(((a, a, a), (a, b, a), (a, a, a)), x.device).expand(x.shape[-3], 1, 3, 3)
     out = x.to(torch.float32)
     blurred = nnf.conv2d(out, kernel, groups=x.shape[-3]).round_()
     inner = out[..., 1:-1, 1:-1]
@@ -148,7 +157,12 @@ def inverse_affine(
     top-left corner with ``corner_centre`` (RandAugment's shears). Give at least one tensor.
     """
     first = next(v for v in (angle, *translate, *shear) if isinstance(v, torch.Tensor))
-    as64 = lambda v: torch.as_tensor(v, dtype=torch.float64, device=first.device).expand(first.shape)  # noqa: E731
+
+    def as64(v: torch.Tensor | float) -> torch.Tensor:  # a fill, not a host-to-device copy, for a float
+        if isinstance(v, torch.Tensor):
+            return v.to(torch.float64).expand(first.shape)
+        return torch.full(first.shape, v, dtype=torch.float64, device=first.device)
+
     angle, (tx, ty), (sx, sy) = as64(angle), map(as64, translate), map(as64, shear)
     cx, cy = (-width * 0.5, -height * 0.5) if corner_centre else (0.0, 0.0)
     rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(sx), torch.deg2rad(sy)
@@ -174,7 +188,7 @@ def warp(x: torch.Tensor, matrix: torch.Tensor, mode: str = "nearest", fill_zero
     base[..., 0].copy_(torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=dev))
     base[..., 1].copy_(torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=dev).unsqueeze_(-1))
     base[..., 2].fill_(1)
-    theta = matrix.to(torch.float32).transpose(1, 2).div_(torch.tensor([0.5 * W, 0.5 * H], device=dev))
+    theta = matrix.to(torch.float32).transpose(1, 2).div_(_constant((0.5 * W, 0.5 * H), dev))
     grid = base.view(1, H * W, 3).expand(B, -1, -1).bmm(theta).view(B, H, W, 2)
     image = x.to(torch.float32)
     if fill_zero:

@@ -118,7 +118,10 @@ def _apply(x: torch.Tensor, where: torch.Tensor, fn: Callable, *params: torch.Te
         return x
     if bool(where.all()):
         return fn(x, *params)
-    idx = where.nonzero().flatten().to(x.device, non_blocking=True)
+    idx = where.nonzero().flatten()
+    if x.device.type == "cuda":  # a pageable host tensor's copy would wait for the device
+        idx = idx.pin_memory()
+    idx = idx.to(x.device, non_blocking=True)
     out = fn(x.index_select(0, idx), *(p.index_select(0, idx) for p in params))
     return x.index_copy_(0, idx, out)
 
@@ -136,6 +139,7 @@ class DeviceViews:
         norm = next((s for s in self.steps if isinstance(s, v2.Normalize)), None)
         self.mean = torch.tensor(norm.mean if norm else [0.0, 0.0, 0.0]).view(3, 1, 1)
         self.std = torch.tensor(norm.std if norm else [1.0, 1.0, 1.0]).view(3, 1, 1)
+        self.norm_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # copied once per device
 
     def __call__(self, batch: dict, device: torch.device | str | None = None) -> dict:
         """``batch`` from ``collate_pretrain`` with recipes (on the host, uint8 crops pinned) ->
@@ -174,7 +178,10 @@ class DeviceViews:
             elif isinstance(step, v2.ToDtype):
                 out = x.to(torch.float32).mul_(1.0 / 255)
             elif isinstance(step, v2.Normalize):
-                out = out.sub_(self.mean.to(device)).div_(self.std.to(device))
+                if device not in self.norm_on:
+                    self.norm_on[device] = (self.mean.to(device), self.std.to(device))
+                mean, std = self.norm_on[device]
+                out = out.sub_(mean).div_(std)
             else:
                 raise TypeError(f"no device version of {type(step).__name__}")
         return out if out is not None else x.to(torch.float32).mul_(1.0 / 255)

@@ -53,7 +53,7 @@ from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from hvpmtl.data.decode import BadImageError, read_image
 from hvpmtl.data.shards import ShardIndex, image_member, load_shard_index, parse_labels
 from hvpmtl.data.skipped import record_skipped_image
-from hvpmtl.data.views import TwoViewTransform, collate_pretrain, view_seed
+from hvpmtl.data.views import TwoViewTransform, collate_pretrain, seeded_cpu_rng, view_seed
 
 __all__ = ["ShardStream", "pretrain_stream"]
 
@@ -250,8 +250,7 @@ class ShardStream(IterableDataset):
                 continue
             if self.transform is None:
                 return {"image": image, "labels": labels, "index": index}
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(view_seed(self.seed, epoch, index))
+            with seeded_cpu_rng(view_seed(self.seed, epoch, index)):
                 v0, v1, mask = self.transform(image)
             return {"views": (v0, v1), "mask": mask, "labels": labels, "index": index}
         raise BadImageError(f"{self.index.origin}: no image of a shuffle window of {len(window)} can be read, "

@@ -46,7 +46,9 @@ class ShardLoader:
     parts of one micro-batch. Workers start anew each epoch (they copy the epoch to read).
     """
 
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool = False, seed: int = 0):
+    def __init__(
+        self, stream: ShardStream, num_workers: int, pin_memory: bool = False, seed: int = 0, prefetch_factor: int = 2
+    ):
         self.stream, self.workers = stream, num_workers
         self.pin = pin_memory
         self.loader = DataLoader(
@@ -55,6 +57,7 @@ class ShardLoader:
             num_workers=num_workers,
             pin_memory=pin_memory and num_workers <= 1,
             persistent_workers=False,
+            prefetch_factor=prefetch_factor if num_workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # keeps the global RNG out of it
         )
 
@@ -96,7 +99,7 @@ def build_pretrain_loader(dataset, cfg: Any, env: DistEnv) -> tuple[Any, Any]:
     if isinstance(dataset, ShardStream):
         dataset.distribute(env.rank, env.world_size, t.accum_steps)
         dataset.check_workers(d.num_workers)
-        return ShardLoader(dataset, d.num_workers, pin, t.seed), dataset
+        return ShardLoader(dataset, d.num_workers, pin, t.seed, d.prefetch_factor), dataset
     sampler = GlobalBatchSampler(len(dataset), d.batch_size, env.rank, env.world_size, t.accum_steps, t.seed)
     loader = DataLoader(
         dataset,
@@ -105,6 +108,7 @@ def build_pretrain_loader(dataset, cfg: Any, env: DistEnv) -> tuple[Any, Any]:
         collate_fn=collate_pretrain,
         pin_memory=pin,
         persistent_workers=d.persistent_workers and d.num_workers > 0,
+        prefetch_factor=d.prefetch_factor if d.num_workers > 0 else None,
         generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG out of it
     )
     return loader, sampler
