@@ -35,6 +35,7 @@ def test_presets_load_and_override():
     ("tasks.mlc.focusing=other", "tasks.mlc.focusing"),
     ("backbone.name=not_a_model", "backbone.name"),
     ("data.prefetch_factor=0", "data.prefetch_factor"),
+    ("tasks.swav.queue_length=-1", "tasks.swav.queue_length"),
     ("bogus=1", "bogus"),
     ("novalue", "key=value"),
 ])

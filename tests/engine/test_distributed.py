@@ -26,8 +26,9 @@ from .conftest import TINY, free_port, torchrun
 
 LOSSES = ("loss", "loss_mlc", "loss_swav", "loss_mim", "loss_distill", "grad_norm")
 # gradient shares measured every 2 steps: their extra backward passes must not change training
+# SwAV's queue (16 images, one global batch) fills at step 1 and joins the Sinkhorn from step 2
 COMMON = [*TINY, "tasks.mlc.dropout=0", "tasks.mlc.reduction=global_sum",
-          "train.log_every=1", "data.num_workers=0", "train.grad_share_every=2"]
+          "train.log_every=1", "data.num_workers=0", "train.grad_share_every=2", "tasks.swav.queue_length=16"]
 SHARES = [f"grad_share_{t}" for t in ("mlc", "swav", "mim", "distill")]
 
 

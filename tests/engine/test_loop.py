@@ -36,10 +36,12 @@ def test_pretrain_loss_falls_and_writes_run_folder(run_cli, tmp_path):
     assert "cls_token" in load_file(out / "backbone.safetensors")
 
 
-@pytest.mark.parametrize("ckpt_every, crash", [(5, 8), (2, 3)])  # mid-epoch; inside the prototypes' freeze
-def test_killed_run_resumes_exactly(run_cli, tmp_path, ckpt_every, crash):
+# mid-epoch; inside the prototypes' freeze; with SwAV's queue (2 steps to fill, in use from step 3)
+@pytest.mark.parametrize("ckpt_every, crash, queue", [(5, 8, 0), (2, 3, 0), (5, 8, 32)])
+def test_killed_run_resumes_exactly(run_cli, tmp_path, ckpt_every, crash, queue):
     # 4 steps per epoch; MLC dropout on, so the restored RNG states matter
-    common = [*TINY, "data.train_size=64", "train.max_steps=12", f"train.ckpt_every={ckpt_every}", "train.log_every=1"]
+    common = [*TINY, "data.train_size=64", "train.max_steps=12", f"train.ckpt_every={ckpt_every}", "train.log_every=1",
+              f"tasks.swav.queue_length={queue}"]  # fmt: skip
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("pretrain", *common, f"train.output_dir={a}")[0] == 0
     with inject(stop_after=crash):

@@ -105,3 +105,28 @@ def test_frozen_prototypes_get_a_zero_gradient():
     torch.testing.assert_close(free, frozen)  # same scores, only the gradient differs
     free.square().sum().backward()
     assert head.prototypes.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("stabilize", ["truncate", "max_shift", "none"])
+def test_queued_rows_join_the_partition_and_only_the_batch_gets_codes(stabilize):
+    batch, queue = _scores(b=8, k=16, seed=1), _scores(b=40, k=16, seed=2)
+    q = sinkhorn(batch, 0.05, iterations=200, stabilize=stabilize, queue_scores=queue)
+    whole = sinkhorn(torch.cat([queue, batch]), 0.05, iterations=200, stabilize=stabilize)
+    torch.testing.assert_close(q, whole[-8:])  # the batch's rows of one Sinkhorn over queue + batch
+    torch.testing.assert_close(q.sum(1), torch.ones(8))
+    # 8 images cannot fill 16 prototypes equally; with the queue the 48 rows do, so codes differ
+    assert (q - sinkhorn(batch, 0.05, iterations=200, stabilize=stabilize)).abs().max() > 0.05
+
+
+def test_queue_is_fifo_per_view_newest_first_and_persists():
+    head = SwAVHead(8, SwAVConfig(hidden_dim=16, out_dim=4, num_prototypes=5, queue_length=6))
+    assert head.queue.shape == (2, 6, 4) and head.queue_filled == 0
+    first, second = torch.arange(32.0).view(2, 4, 4), 100 + torch.arange(32.0).view(2, 4, 4)
+    head.push(first[0], first[1])
+    assert head.queue_filled == 4 and torch.equal(head.queue[:, :4], first) and not head.queue[:, 4:].any()
+    head.push(second[0], second[1])
+    assert head.queue_filled == 6
+    assert torch.equal(head.queue[:, :4], second) and torch.equal(head.queue[:, 4:], first[:, :2])
+    copy = SwAVHead(8, SwAVConfig(hidden_dim=16, out_dim=4, num_prototypes=5, queue_length=6))
+    copy.load_state_dict(head.state_dict())  # queue and fill level travel in checkpoints
+    assert copy.queue_filled == 6 and torch.equal(copy.queue, head.queue)

@@ -36,12 +36,19 @@ class SwAVConfig:
     stabilize: str = "truncate"  # "truncate" at t_max (paper) | "max_shift" (log-domain) | "none" (SwAV)
     t_max: float = 10.0
     freeze_prototypes_iters: int = 313
+    # SwAV's queue for small batches (off in the paper, whose global batch is 1024): the features
+    # of the last `queue_length` images per view join each Sinkhorn, so that the equal partition
+    # spreads the batch over prototypes as a larger one would. Replicated on every process.
+    queue_length: int = 0
+    queue_start_iters: int = 0  # use the queue from this iteration on, once it is full
 
     def validate(self, prefix: str = "") -> None:
         if self.stabilize not in STABILIZERS:
             raise ValueError(f"{prefix}.stabilize: expected one of {STABILIZERS}, got '{self.stabilize}'")
         if self.sinkhorn_iters < 1:
             raise ValueError(f"{prefix}.sinkhorn_iters={self.sinkhorn_iters} must be >= 1")
+        if self.queue_length < 0 or self.queue_start_iters < 0:
+            raise ValueError(f"{prefix}.queue_length and {prefix}.queue_start_iters must be >= 0")
         if self.head_norm not in ("bn", "ln", "none"):
             raise ValueError(f"{prefix}.head_norm: expected 'bn', 'ln' or 'none', got '{self.head_norm}'")
 
@@ -58,6 +65,23 @@ class SwAVHead(nn.Module):
         )  # fmt: skip
         self.prototypes = nn.Linear(cfg.out_dim, cfg.num_prototypes, bias=False)
         self.normalize_prototypes()
+        self.queue_filled = 0  # rows of the queue holding features (a host copy of the buffer)
+        if cfg.queue_length:  # per view, newest first, as in SwAV; both travel in checkpoints
+            self.register_buffer("queue", torch.zeros(2, cfg.queue_length, cfg.out_dim))
+            self.register_buffer("queue_rows", torch.zeros((), dtype=torch.long))
+            self.register_load_state_dict_post_hook(SwAVHead._read_queue_rows)
+
+    @staticmethod
+    def _read_queue_rows(module: SwAVHead, incompatible_keys) -> None:
+        module.queue_filled = int(module.queue_rows)  # once per load, not per step (no device sync)
+
+    @torch.no_grad()
+    def push(self, z_a: torch.Tensor, z_b: torch.Tensor) -> None:
+        """Put this step's normalised features of both views (the global batch) first in the queue."""
+        new = torch.stack([z_a, z_b]).to(self.queue.dtype)[:, : self.queue.shape[1]]
+        self.queue.copy_(torch.cat([new, self.queue[:, : self.queue.shape[1] - new.shape[1]]], dim=1))
+        self.queue_filled = min(self.queue_filled + new.shape[1], self.queue.shape[1])
+        self.queue_rows.fill_(self.queue_filled)
 
     @torch.no_grad()
     def normalize_prototypes(self) -> None:
@@ -80,6 +104,15 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The rows of ``t`` from every process, in rank order (no gradient): the global batch."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def _global_logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``log sum exp`` over ``dim`` of the global batch (all-reduce max, then sum), keepdim."""
     m = _all_reduce(x.amax(dim=dim, keepdim=True).clone(), dist.ReduceOp.MAX)
@@ -93,6 +126,7 @@ def sinkhorn(
     iterations: int = 3,
     stabilize: str = "truncate",
     t_max: float = 10.0,
+    queue_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Equal-partition codes ``Q`` (``B x K``, rows sum to 1) for prototype ``scores`` (``B x K``).
 
@@ -104,16 +138,25 @@ def sinkhorn(
     ``none``: SwAV's plain version (overflows once ``scores / eps > 88`` in fp32).
     Under an initialised process group every sum runs over the global batch (all-reduce), so
     N processes with batch B give the codes one process with batch N*B gives.
+
+    ``queue_scores`` (``L x K``, the same on every process): the scores of queued images, which
+    take part in the partition as more rows of the batch (on one process only, so that the
+    global sums count them once); only the batch's codes are returned.
     """
     logits = scores.float() / epsilon
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    num_protos, batch = logits.shape[1], logits.shape[0] * world
+    rows = logits.shape[0]
+    num_protos, batch = logits.shape[1], rows * world
+    if queue_scores is not None:
+        batch += queue_scores.shape[0]
+        if world == 1 or dist.get_rank() == 0:
+            logits = torch.cat([queue_scores.float() / epsilon, logits])
     if stabilize == "max_shift":
         log_q = logits  # B x K; the first global normalisation cancels in the first prototype step
         for _ in range(iterations):
             log_q = log_q - _global_logsumexp(log_q, dim=0) - math.log(num_protos)
             log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(batch)
-        return (log_q + math.log(batch)).exp()
+        return (log_q + math.log(batch)).exp()[-rows:]
     if stabilize == "truncate":
         logits = logits.clamp(max=t_max)
     q = torch.exp(logits).t()  # K x B
@@ -124,7 +167,7 @@ def sinkhorn(
         q /= q.sum(dim=0, keepdim=True)  # each image: total mass 1/B
         q /= batch
     q *= batch
-    return q.t()
+    return q.t()[-rows:]
 
 
 def swapped_prediction_loss(
@@ -137,11 +180,16 @@ def swapped_prediction_loss(
     return -(codes_b * log_p_a).sum(1).mean() - (codes_a * log_p_b).sum(1).mean()
 
 
-def swav_loss(scores_a: torch.Tensor, scores_b: torch.Tensor, cfg: SwAVConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes for both views, then the swapped loss. Also returns ``loss / (2 ln K)`` — a value
-    stuck at 1 means the assignment collapsed to uniform (SwAV's known failure mode)."""
+def swav_loss(
+    scores_a: torch.Tensor, scores_b: torch.Tensor, cfg: SwAVConfig, queue_scores: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes for both views (``queue_scores``: ``2 x L x K``, the queued images' scores per view),
+    then the swapped loss. Also returns ``loss / (2 ln K)`` — a value stuck at 1 means the
+    assignment collapsed to uniform (SwAV's known failure mode)."""
+    queued = queue_scores if queue_scores is not None else (None, None)
     codes = [
-        sinkhorn(s.detach(), cfg.epsilon, cfg.sinkhorn_iters, cfg.stabilize, cfg.t_max) for s in (scores_a, scores_b)
+        sinkhorn(s.detach(), cfg.epsilon, cfg.sinkhorn_iters, cfg.stabilize, cfg.t_max, q)
+        for s, q in zip((scores_a, scores_b), queued, strict=True)
     ]
     loss = swapped_prediction_loss(scores_a, scores_b, codes[0], codes[1], cfg.temperature)
     return loss, loss.detach() / (2 * math.log(scores_a.shape[1]))
@@ -166,9 +214,17 @@ class SwAVObjective(Objective):
 
     def forward(self, model: nn.Module, step, with_loss: bool) -> dict[str, torch.Tensor]:
         frozen = step.iteration < self.cfg.freeze_prototypes_iters
-        scores, _ = model.swav(torch.cat([step.pooled("swav_a"), step.pooled("swav_b")]), freeze_prototypes=frozen)
+        head = model.swav
+        scores, z = head(torch.cat([step.pooled("swav_a"), step.pooled("swav_b")]), freeze_prototypes=frozen)
         sa, sb = scores.chunk(2)
-        loss, collapse = swav_loss(sa, sb, self.cfg)
+        queued = None
+        if self.cfg.queue_length:
+            if head.queue_filled == self.cfg.queue_length and step.iteration >= self.cfg.queue_start_iters:
+                with torch.no_grad():
+                    queued = head.queue @ head.prototypes.weight.t().to(head.queue.dtype)
+            if head.training:
+                head.push(*(all_gather_rows(v) for v in z.detach().chunk(2)))
+        loss, collapse = swav_loss(sa, sb, self.cfg, queued)
         return {"swav_collapse": collapse, "loss": loss}
 
     def after_step(self, model: nn.Module) -> None:
