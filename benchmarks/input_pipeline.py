@@ -2,7 +2,7 @@
 
 For each data set (the built-in synthetic scenes; a JPEG manifest generated in a temporary
 folder at ``--jpeg-size``; the same JPEGs as WebDataset shards, read as ``data.dataset=shards``
-streams, one per loader worker by default) and each ``data.augment_on`` (``cpu``: every view made in the
+streams, at least one per loader worker) and each ``data.augment_on`` (``cpu``: every view made in the
 workers; ``device``: workers crop to uint8, the rest batched on the device), it measures
 
 * loader: batches out of the training DataLoader, views finished on the device, per second;
@@ -70,6 +70,12 @@ def shard_streams(workers: int, batch: int) -> int:
     return next(k for k in range(max(workers, 1), batch + 1) if batch % k == 0)
 
 
+def past_start(trainer: Trainer, warmup: int) -> int:
+    """Untimed batches: at least the ones the workers made while starting (``data.prefetch_factor``
+    each), so that what follows is the steady state."""
+    return max(warmup, trainer.cfg.data.prefetch_factor * trainer.cfg.data.num_workers)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -79,7 +85,7 @@ def loader_rate(trainer: Trainer, warmup: int, steps: int) -> float:
     """Batches out of the loader with their views finished on the device (what a step receives).
     The batches the workers made while starting (``prefetch_factor`` = 2 each) are not timed."""
     dev = trainer.env.device
-    warmup = max(warmup, 2 * trainer.cfg.data.num_workers)
+    warmup = past_start(trainer, warmup)
     trainer.sampler.set_epoch(0, 0)
     batches = iter(trainer.loader)
     for step in range(warmup):
@@ -95,8 +101,7 @@ def loader_rate(trainer: Trainer, warmup: int, steps: int) -> float:
 def step_rate(trainer: Trainer, batches, warmup: int, steps: int) -> float:
     """Training steps per second, counted as ``Trainer.fit`` counts them (each step ends with its
     one host sync; under ``augment_on=device`` it starts the next step's views before that sync).
-    Steps from the loader warm up as :func:`loader_rate` does, past the batches the workers made
-    while starting, so that the rate is the steady state's."""
+    Steps from the loader need a ``warmup`` of :func:`past_start`'s length to read the steady state."""
     trainer.model.train()
     trainer.step = 0
     for _ in range(warmup):
@@ -117,7 +122,7 @@ def profile_steps(trainer: Trainer, steps: int = 4, rows: int = 30) -> str:
 
     trainer.sampler.set_epoch(0, 0)
     batches = iter(trainer.loader)
-    step_rate(trainer, batches, max(2, 2 * trainer.cfg.data.num_workers), 1)
+    step_rate(trainer, batches, past_start(trainer, 2), 1)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.env.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
@@ -134,7 +139,7 @@ def measure(overrides: list[str], preset: str, warmup: int, steps: int, model_on
     try:
         row = {"loader": loader_rate(trainer, warmup, steps)}
         trainer.sampler.set_epoch(0, 0)
-        row["end_to_end"] = step_rate(trainer, iter(trainer.loader), max(warmup, 2 * cfg.data.num_workers), steps)
+        row["end_to_end"] = step_rate(trainer, iter(trainer.loader), past_start(trainer, warmup), steps)
         if prof:
             print(profile_steps(trainer), flush=True)
         if model_only:
@@ -169,7 +174,9 @@ def main() -> None:
     # Workers hand out whole batches (with shards, parts of every batch) in waves of one per
     # worker: a timed window of a whole number of waves reads the steady rate, a short one does not
     windows = {w: -(-args.steps // max(w, 1)) * max(w, 1) for w in args.workers}
-    count = (max(args.warmup, 2 * max(args.workers)) + max(windows.values()) + 6) * args.batch  # each pass starts anew
+    # each pass starts anew; + 1 batch for the model alone, + 5 for --profile's steps
+    ahead = hvpmtl.load_config(args.preset, args.overrides).data.prefetch_factor * max(args.workers)
+    count = (max(args.warmup, ahead) + max(windows.values()) + 6) * args.batch
     width, height = (int(v) for v in args.jpeg_size.lower().split("x"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -121,6 +121,8 @@ def _epoch(index, world: int, workers: int, accum: int = 1, epoch: int = 0, star
 def test_deeper_prefetch_keeps_the_batches(ordered):
     """data.prefetch_factor changes how far the workers read ahead, not what a batch holds."""
     assert _epoch(ordered, 1, 2, prefetch=5) == _epoch(ordered, 1, 2)
+    stream = ShardStream(ordered, None, seed=1, global_batch=8, streams=4, shuffle_window=5)
+    assert ShardLoader(stream, 2, prefetch_factor=5).loader.prefetch_factor == 5
 
 
 @pytest.mark.parametrize("world, workers, accum", [(1, 1, 1), (1, 2, 2), (2, 2, 1), (4, 0, 2)])
