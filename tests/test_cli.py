@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from hvpmtl.cli import main
-from hvpmtl.config import load_config, preset_names
+from hvpmtl.config import load_config, preset_names, to_dict
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -82,8 +83,8 @@ def test_config_command_prints_resolved_yaml(capsys):
     assert data["backbone"]["name"].startswith("swin")
 
 
-@pytest.mark.parametrize("name", ["paper-vit-b", "paper-swin-b"])
-def test_paper_presets_hold_the_paper_values(name):
+@pytest.mark.parametrize("name", ["paper-vit-b", "paper-swin-b", "vit-b", "swin-b"])
+def test_paper_presets_hold_the_paper_values(name):  # the recommended presets keep them too
     cfg = load_config(name)
     o, t, tk = cfg.optim, cfg.train, cfg.tasks
     assert (o.lr, o.min_lr, o.weight_decay, o.warmup_epochs, o.clip_grad) == (1e-4, 1e-7, 0.05, 5.0, 5.0)
@@ -92,7 +93,28 @@ def test_paper_presets_hold_the_paper_values(name):
     assert (tk.mlc.weight, tk.swav.weight, tk.mim.weight, tk.distill.weight) == (0.001, 0.02, 1.0, 10.0)
     assert (tk.mlc.eta, tk.mlc.gammas, tk.swav.t_max, tk.distill.momentum) == (10.0, (4.0, 1.0), 10.0, 0.995)
     assert cfg.data.dataset == "manifest"
-    assert ("swin" in cfg.backbone.name) == (name == "paper-swin-b")
+    assert ("swin" in cfg.backbone.name) == ("swin" in name)
+
+
+def flat_config(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat_config(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("name", ["vit-b", "swin-b"])
+def test_recommended_presets_change_only_what_method_md_lists(name):
+    paper = flat_config(to_dict(load_config(f"paper-{name}")))
+    ours = flat_config(to_dict(load_config(name)))
+    changed = {k for k in paper if ours[k] != paper[k]} - {"train.output_dir"}
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    table = text.split("## Recommended presets")[1].split("\n## ")[0]
+    first_cells = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    listed = {key for cell in first_cells for key in re.findall(r"`([\w.]+)`", cell)}
+    assert changed and changed <= listed, f"{name} changes keys method.md does not list: {changed - listed}"
+    if name == "vit-b":
+        assert listed == changed, f"method.md lists keys vit-b does not change: {listed - changed}"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fp16 is allowed on CUDA")

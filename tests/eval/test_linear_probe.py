@@ -48,3 +48,24 @@ def test_multi_label_probe_reports_map():
     ytr, yte = torch.cat([ytr, 1 - ytr[:, :1]], 1), torch.cat([yte, 1 - yte[:, :1]], 1)
     r = probe(xtr, ytr, xte, yte, ProbeConfig(optimizer="adamw", lrs=[0.1], weight_decays=[0.0], epochs=200))
     assert r["mAP"] > 90 and "CF1" in r and r["lr"] == pytest.approx(0.1)
+
+
+def test_feature_kinds_hand_computed():
+    """``grid`` = class token, map mean, then the map's four quadrant means (row-major)."""
+    from hvpmtl.eval.features import backbone_features
+
+    fmap = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    pooled = torch.full((2, 5), -1.0)
+
+    def backbone(images, mask):
+        return fmap, pooled
+
+    mean = fmap.mean(dim=(2, 3))
+    assert torch.equal(backbone_features(backbone, None, "both"), torch.cat([pooled, mean], 1))
+    grid = backbone_features(backbone, None, "grid")
+    assert grid.shape == (2, 5 + 3 + 3 * 4)
+    top_right = fmap[:, :, :2, 2:].mean(dim=(2, 3))  # channel c's cells sit at 8 + 4c .. 8 + 4c + 3
+    assert torch.equal(grid[:, :8], torch.cat([pooled, mean], 1))
+    assert torch.allclose(grid[:, 8 + 1 :: 4], top_right)
+    with pytest.raises(ValueError, match="grid"):
+        backbone_features(backbone, None, "grids")

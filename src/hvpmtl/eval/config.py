@@ -16,7 +16,7 @@ from hvpmtl.data.config import DataConfig
 from hvpmtl.engine.config import DistConfig, OptimConfig, TrainConfig, _checker
 
 PRESET_ROOT = Path(__file__).resolve().parents[1] / "configs"
-FEATURES = ("mean", "pooled", "both", "pixels")
+FEATURES = ("mean", "pooled", "both", "grid", "pixels")
 COMMANDS = ("finetune", "detect", "segment")
 
 
@@ -46,7 +46,7 @@ class KNNConfig:
 
     k: int = 20
     temperature: float = 0.07
-    feature: str = "mean"  # mean (of the feature map) | pooled (class token) | both | pixels
+    feature: str = "mean"  # mean (of the feature map) | pooled (class token) | both | grid | pixels
 
     def validate(self, prefix: str = "") -> None:
         check = _checker(self, prefix)
@@ -65,8 +65,10 @@ class ProbeConfig:
     ``adamw`` sweeps ``lrs`` x ``weight_decays``.
     """
 
-    # mean | pooled | both | pixels (raw pixels: logistic regression). "both" (feature-map mean and
-    # class token side by side) measured best on both built-in sets, for every backbone (docs/results.md)
+    # mean | pooled | both | grid (both + the map averaged over 2 x 2 cells) | pixels (raw pixels:
+    # logistic regression). "both" (feature-map mean and class token side by side) measured best
+    # of the first three on both built-in sets, for every backbone (docs/results.md); "grid" scores
+    # higher but lifts random init most (docs/benchmarks.md, "Ten CPU minutes")
     feature: str = "both"
     optimizer: str = "lbfgs"  # lbfgs | adamw (full batch)
     epochs: int = 100  # L-BFGS iterations or AdamW steps
@@ -127,7 +129,7 @@ class MonitorConfig:
         check(self.knn_train_images > 0 and self.knn_val_images > 0, "knn_train_images", "must be positive")
         check(self.knn_k >= 1, "knn_k", "must be >= 1")
         check(self.knn_temperature > 0, "knn_temperature", "must be positive")
-        check(self.knn_feature in FEATURES[:3], "knn_feature", "choose mean, pooled or both")
+        check(self.knn_feature in FEATURES[:4], "knn_feature", "choose mean, pooled, both or grid")
 
 
 @dataclass

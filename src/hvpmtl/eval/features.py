@@ -1,8 +1,11 @@
 """Frozen features of a backbone over a data set, computed once for k-NN and linear probes.
 
 Feature kinds: ``mean`` (average of the last feature map: every patch token), ``pooled`` (the
-backbone's own pooling: ViT's class token, Swin's average pool), ``both`` (concatenated), and
-``pixels`` (the normalised input image, flattened: the raw-pixel baseline). Under torchrun each
+backbone's own pooling: ViT's class token, Swin's average pool), ``both`` (concatenated),
+``grid`` (``both`` plus the feature map averaged over a 2 x 2 grid of cells, flattened: where on
+the image a pattern sits, as in the spatially pooled linear evaluations of self-supervised
+convolutional networks; 6 d numbers) and ``pixels`` (the normalised input image, flattened: the
+raw-pixel baseline). Under torchrun each
 process extracts a contiguous shard of the data set and every process receives all features.
 """
 
@@ -11,11 +14,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from hvpmtl.engine.distributed import DistEnv, all_gather_object
 from hvpmtl.eval.config import FEATURES as KINDS
+
+GRID_CELLS = 2  # the grid feature's cells per side (4 x 4 scored no higher on Fashion-MNIST items)
 
 
 def backbone_features(backbone: nn.Module | None, images: torch.Tensor, kind: str) -> torch.Tensor:
@@ -30,6 +36,9 @@ def backbone_features(backbone: nn.Module | None, images: torch.Tensor, kind: st
         return pooled.float()
     if kind == "both":
         return torch.cat([pooled.float(), mean], 1)
+    if kind == "grid":
+        cells = F.adaptive_avg_pool2d(fmap.float(), GRID_CELLS).flatten(1)
+        return torch.cat([pooled.float(), mean, cells], 1)
     raise ValueError(f"feature: expected one of {', '.join(KINDS)}, got '{kind}'")
 
 
