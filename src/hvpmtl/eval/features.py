@@ -5,8 +5,8 @@ backbone's own pooling: ViT's class token, Swin's average pool), ``both`` (conca
 ``grid`` (``both`` plus the feature map averaged over a 2 x 2 grid of cells, flattened: where on
 the image a pattern sits, as in the spatially pooled linear evaluations of self-supervised
 convolutional networks; 6 d numbers) and ``pixels`` (the normalised input image, flattened: the
-raw-pixel baseline). Under torchrun each
-process extracts a contiguous shard of the data set and every process receives all features.
+raw-pixel baseline). Under torchrun each process extracts a contiguous shard of the data set
+and every process receives all features.
 """
 
 from __future__ import annotations
