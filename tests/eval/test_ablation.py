@@ -104,6 +104,15 @@ def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsy
     assert rc == 0, err
     assert "$ hvpmtl" not in stdout and "| MIM only |" in stdout
 
+    added = ["ablate", "-c", "cpu-tiny", "--smoke", "--out", str(out), "--mixes", "no-md", "--seeds", "0",
+             "--no-items", *TINY_RUN]  # fmt: skip
+    rc, stdout, err = run(capsys, *added)  # a mix added later reuses seed 0's baselines from full-s0
+    assert rc == 0, err
+    assert stdout.count("$ hvpmtl pretrain") == 1 and stdout.count("$ hvpmtl linprobe") == 1
+    again = json.loads((out / "ablation.json").read_text())
+    assert again["random"][column] == values["random"][column][:1] and again["pixels"][column][0] > 0
+    assert not (out / "no-md-s0" / "ablate" / "probe-synthetic-random-init").exists()
+
 
 def test_ablate_runs_each_step_through_a_launcher(tmp_path, capsys):
     out = tmp_path / "abl"

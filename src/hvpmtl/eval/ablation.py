@@ -108,8 +108,13 @@ class Ablation:
         return [ev.command, str(source), *flags, *ev.args, f"run.output_dir={self.result_dir(ev, mix, seed)}"]
 
     def result_dir(self, ev: Evaluation, mix: str, seed: int) -> Path:
+        """A baseline's folder is in the first mix's cell, unless a cell of the same seed under
+        ``out`` already holds it: every mix of a seed starts from the same weights, so a mix added
+        to an earlier ablation reuses that ablation's random-init and raw-pixel results."""
         if mix in BASELINES:
-            return self.cell(self.mixes[0], seed) / "ablate" / f"{ev.slug}-{BASELINES[mix]}"
+            name = f"{ev.slug}-{BASELINES[mix]}"
+            done = sorted(p.parent.parent.parent for p in self.out.glob(f"*-s{seed}/ablate/{name}/*.json"))
+            return (done[0] if done else self.cell(self.mixes[0], seed)) / "ablate" / name
         return self.cell(mix, seed) / "ablate" / ev.slug
 
     def result(self, ev: Evaluation, mix: str, seed: int) -> float | None:
