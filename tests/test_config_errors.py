@@ -45,6 +45,7 @@ def assert_one_line_error(status: int, err: str, *expected: str) -> None:
     ("optim.weight_decay_end=-.inf", ["optim.weight_decay_end: expected a finite number, got -inf"]),
     ("data.batch_size=0", ["data.batch_size=0: must be positive"]),
     ("train.epochs=0", ["train.epochs=0: must be positive"]),
+    ("eval.knn_feature=pixels", ["eval.knn_feature", "choose one of mean, pooled, both, grid"]),
 ])
 def test_bad_value_is_one_early_line(capsys, tmp_path, override, expected):
     out = tmp_path / "run"

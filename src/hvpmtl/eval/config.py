@@ -129,7 +129,8 @@ class MonitorConfig:
         check(self.knn_train_images > 0 and self.knn_val_images > 0, "knn_train_images", "must be positive")
         check(self.knn_k >= 1, "knn_k", "must be >= 1")
         check(self.knn_temperature > 0, "knn_temperature", "must be positive")
-        check(self.knn_feature in FEATURES[:4], "knn_feature", "choose mean, pooled, both or grid")
+        backbone_kinds = [k for k in FEATURES if k != "pixels"]  # the monitor embeds with the backbone
+        check(self.knn_feature in backbone_kinds, "knn_feature", f"choose one of {', '.join(backbone_kinds)}")
 
 
 @dataclass
