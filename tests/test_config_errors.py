@@ -35,6 +35,8 @@ def assert_one_line_error(status: int, err: str, *expected: str) -> None:
     ("backbone.kwargs.num_heads=5", ["backbone: timm cannot build vit_tiny_patch16_224", "num_heads=5"]),
     ("backbone.patch_size=7", ["backbone.patch_size=7: must divide backbone.img_size=64"]),
     ("backbone.img_size=60", ["backbone.patch_size=8: must divide backbone.img_size=60"]),
+    ("backbone.stem_channels=[16, 0]", ["backbone.stem_channels=[16, 0]: expected positive integers"]),
+    ("backbone.kwargs.embed_layer=conv", ["backbone.kwargs.embed_layer: set backbone.stem_channels instead"]),
     ("tasks.mim.mask_patch_size=4", ["tasks.mim.mask_patch_size=4: must be a multiple of the backbone's patch size 8"]),
     ("tasks.mim.mask_patch_size=24", ["tasks.mim.mask_patch_size=24: must divide backbone.img_size=64"]),
     ("train.seed=-1", ["train.seed=-1: must be in [0, 2**63)"]),
@@ -72,6 +74,14 @@ def test_swin_reduction_must_tile_the_image_for_mim():
     with pytest.raises(ConfigError, match="backbone.img_size=48: must be a multiple of the last stage's reduction 32"):
         load_config("cpu-swin-tiny", ["backbone.img_size=48"])
     load_config("cpu-swin-tiny", ["backbone.img_size=48", "tasks.mim.weight=0"])  # no SimMIM decoder: fine
+
+
+def test_conv_stem_needs_a_vit_and_random_start():
+    with pytest.raises(ConfigError, match="backbone.stem_channels: a convolutional stem needs a ViT"):
+        load_config("cpu-swin-tiny", ["backbone.stem_channels=[16]"])
+    with pytest.raises(ConfigError, match="backbone.stem_channels: backbone.pretrained_file has a linear patch"):
+        load_config("cpu-tiny", ["backbone.stem_channels=[16]", "backbone.pretrained_file=vit.safetensors"])
+    assert load_config("cpu-tiny", ["backbone.stem_channels=[16]"]).backbone.stem_channels == [16]
 
 
 def write(path: Path, data: bytes | str) -> Path:

@@ -147,7 +147,8 @@ def test_curves_png_from_a_hand_written_metrics_csv(tmp_path):
     rows = [
         {"step": s, "epoch": s / 10, "lr": 1e-3 * s / 40, "wd": 0.05, "loss": 3.0 / s, "loss_mlc": 20.0 / s,
          "loss_mim": 0.5, "swav_collapse": 0.2, "grad_share_mlc": 0.3 if s % 10 == 0 else nan,
-         "grad_share_mim": 0.7 if s % 10 == 0 else nan, "knn_mAP": nan, "grad_norm": 1.0, "img_per_s": 100.0,
+         "grad_share_mim": 0.7 if s % 10 == 0 else nan, "grad_cos_mlc_mim": -0.1 if s % 10 == 0 else nan,
+         "knn_mAP": nan, "grad_norm": 1.0, "img_per_s": 100.0,
          "skipped_steps": 0}
         for s in range(1, 41)
     ]  # fmt: skip
@@ -158,6 +159,7 @@ def test_curves_png_from_a_hand_written_metrics_csv(tmp_path):
         ("learning rate", ["lr"]),
         ("SwAV collapse (1 = uniform predictions)", ["swav_collapse"]),
         ("share of the backbone gradient", ["grad_share_mlc", "grad_share_mim"]),
+        ("cosine between objectives' gradients", ["grad_cos_mlc_mim"]),
     ]  # knn_mAP: never logged, no panel
     (tmp_path / "eval").mkdir()
     result = {"command": "knn", "data": "synthetic (64 -> 32)", "weights": "run student step 40",
@@ -165,8 +167,8 @@ def test_curves_png_from_a_hand_written_metrics_csv(tmp_path):
     (tmp_path / "eval" / "knn-synthetic-student.json").write_text(json.dumps(result))
     assert curves.downstream_results(tmp_path) == ["knn | synthetic (64 -> 32) | run student step 40: mAP 51.23"]
     out = curves.plot_curves(tmp_path, tmp_path / "pictures" / "curves.png")
-    assert curves.figure_size(4, 1) == (1000, 682)
-    assert Image.open(out).size == (1000, 682)
+    assert curves.figure_size(5, 1) == (1000, 982)
+    assert Image.open(out).size == (1000, 982)
     (tmp_path / "eval" / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="broken.json"):
         curves.plot_curves(tmp_path, tmp_path / "c.png")

@@ -63,6 +63,9 @@ class BackboneConfig:
     patch_size: int | None = None  # override the name's patch size (ViT)
     window_size: int | None = None  # override the name's window size (Swin)
     drop_path_rate: float = 0.0
+    # widths of 3x3 convolutions (LayerNorm, GELU) before the patch projection (ViT only); empty:
+    # timm's linear patch embedding, as the paper. See backbones/factory.py:conv_stem
+    stem_channels: list[int] = field(default_factory=list)
     grad_checkpointing: bool = False
     kwargs: dict = field(default_factory=dict)
     pretrained: bool = False  # timm's weights for `name` from the local Hugging Face / torch hub cache (no download)
@@ -87,6 +90,7 @@ class BackboneConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"{key('drop_path_rate')}={self.drop_path_rate}: must be in [0, 1)")
         self._validate_start(key)
+        self._validate_stem(key, prefix)
         check_timm_kwargs(self, prefix)
         patch = probe_backbone(self, prefix).patch_size
         if self.img_size % patch:
@@ -96,6 +100,22 @@ class BackboneConfig:
             if "patch_size" in self.kwargs:
                 raise ValueError(f"{key('kwargs.patch_size')}={patch}: must divide {size}")
             raise ValueError(f"{size}: must be a multiple of {self.name}'s patch size {patch}")
+
+    def _validate_stem(self, key: Callable[[str], str], prefix: str) -> None:
+        """A convolutional stem: positive widths, a ViT, and no pretrained weights (timm's have a
+        linear patch embedding; ``init_from`` a run with the same stem is fine)."""
+        if not self.stem_channels:
+            return
+        if any(not isinstance(c, int) or c <= 0 for c in self.stem_channels):
+            raise ValueError(f"{key('stem_channels')}={self.stem_channels}: expected positive integers")
+        if adapter_for(self.name, prefix) is not MaskedViT:
+            raise ValueError(f"{key('stem_channels')}: a convolutional stem needs a ViT, not '{self.name}'")
+        for name in ("pretrained", "pretrained_file"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{key('stem_channels')}: {key(name)} has a linear patch embedding that does not fit a "
+                    "convolutional stem; set stem_channels=[] or start from random weights"
+                )
 
     def _validate_start(self, key: Callable[[str], str]) -> None:
         """The start-weight keys: one source at most, a known part, a readable suffix, weights timm

@@ -8,10 +8,13 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
+from timm.layers import ConvNormAct, HybridEmbed, LayerNorm2d
+from torch import nn
 
 from hvpmtl.backbones.base import MaskedBackbone
 from hvpmtl.backbones.swin import MaskedSwin
@@ -25,8 +28,14 @@ FAMILIES: dict[str, type[MaskedBackbone]] = {
     "timm.models.swin_transformer": MaskedSwin,
 }
 # timm arguments the config sets through its own fields (None: hvpmtl fixes the value itself)
-OWN_FIELDS = {"img_size": "img_size", "drop_path_rate": "drop_path_rate", "num_classes": None,
-              "pretrained": "pretrained", "pretrained_cfg_overlay": "pretrained_file"}
+OWN_FIELDS = {
+    "img_size": "img_size",
+    "drop_path_rate": "drop_path_rate",
+    "num_classes": None,
+    "pretrained": "pretrained",
+    "pretrained_cfg_overlay": "pretrained_file",
+    "embed_layer": "stem_channels",
+}
 
 
 @dataclass(frozen=True)
@@ -55,14 +64,38 @@ def adapter_for(name: str, prefix: str = "backbone") -> type[MaskedBackbone]:
     return FAMILIES[module]
 
 
+def conv_stem(channels: list[int] | tuple[int, ...]) -> nn.Sequential:
+    """3x3 stride-1 convolutions, each with LayerNorm and GELU, that run at full resolution before
+    the patch projection (an early-convolution stem, Xiao et al. 2021, kept at stride 1 so the
+    patch grid, the mask units and the reconstruction target are those of the linear embedding).
+    Each layer lets a token see one more pixel beyond its patch, so SimMIM's visible tokens see
+    that border of their masked neighbours. LayerNorm, not Xiao's BatchNorm: no batch statistics,
+    so N processes equal one and the EMA teacher, which copies parameters only, needs no running
+    averages."""
+    layers, in_chs = [], 3
+    for out_chs in channels:
+        layers.append(ConvNormAct(in_chs, out_chs, 3, norm_layer=LayerNorm2d, act_layer=nn.GELU))
+        in_chs = out_chs
+    return nn.Sequential(*layers)
+
+
+def conv_stem_embed(channels: list[int], **kwargs: Any) -> HybridEmbed:
+    """timm's ``embed_layer`` for a convolutional stem: ``HybridEmbed`` (its patch projection) over
+    :func:`conv_stem`, built where timm builds the embedding (so on the meta device when probed)."""
+    return HybridEmbed(backbone=conv_stem(channels), **kwargs)
+
+
 def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
-    """Keyword arguments for ``timm.create_model(cfg.name, ...)``: no classifier, the config's sizes."""
+    """Keyword arguments for ``timm.create_model(cfg.name, ...)``: no classifier, the config's sizes,
+    and with ``stem_channels`` the embedding of :func:`conv_stem_embed`."""
     kwargs = dict(cfg.kwargs)
     kwargs.update(img_size=cfg.img_size, num_classes=0, drop_path_rate=cfg.drop_path_rate)
     if cfg.patch_size is not None:
         kwargs["patch_size"] = cfg.patch_size
     if cfg.window_size is not None:
         kwargs["window_size"] = cfg.window_size
+    if cfg.stem_channels:
+        kwargs["embed_layer"] = partial(conv_stem_embed, list(cfg.stem_channels))
     return kwargs
 
 
@@ -94,7 +127,7 @@ def probe_backbone(cfg: BackboneConfig, prefix: str = "backbone") -> BackboneSha
     """Build ``cfg``'s model and adapter on the meta device and return its patch size and
     reduction; a model timm cannot build raises ``ValueError`` naming ``prefix``. Cached."""
     cache_key = repr((cfg.name, cfg.img_size, cfg.patch_size, cfg.window_size, cfg.drop_path_rate,
-                      sorted(cfg.kwargs.items(), key=lambda item: str(item[0]))))  # fmt: skip
+                      list(cfg.stem_channels), sorted(cfg.kwargs.items(), key=lambda item: str(item[0]))))  # fmt: skip
     if cache_key not in _shapes:
         adapter = adapter_for(cfg.name, prefix)
         kwargs = timm_kwargs(cfg)

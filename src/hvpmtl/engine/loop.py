@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -36,7 +37,7 @@ from hvpmtl.engine.distributed import (
     wrap_model,
 )
 from hvpmtl.engine.faults import Faults, SimulatedCrash  # noqa: F401  (SimulatedCrash: re-export)
-from hvpmtl.engine.grad_share import grad_shares
+from hvpmtl.engine.grad_share import grad_shares, pair_key
 from hvpmtl.engine.guards import BufferSnapshot, untrained_reason
 from hvpmtl.engine.loader import DeviceFeed, build_pretrain_loader
 from hvpmtl.engine.loggers import check_loggers
@@ -145,7 +146,8 @@ class Trainer:
         self.share_every = every if 0 < every <= self.total_steps and len(self.tasks) > 1 and not self.fsdp else 0
         if 0 < every <= self.total_steps and len(self.tasks) > 1 and self.fsdp and env.is_main:
             print("warning: train.grad_share_every: gradient shares are not measured under FSDP")
-        self.share_keys = tuple(f"grad_share_{t}" for t in self.tasks) if self.share_every else ()
+        shares = (*(f"grad_share_{t}" for t in self.tasks), *(pair_key(a, b) for a, b in combinations(self.tasks, 2)))
+        self.share_keys = shares if self.share_every else ()
         self.log_keys = ("loss", *self.keys, *self.share_keys, *(self.monitor.keys if self.monitor else ()))
 
         self.step, self.skipped, self.bad_streak = 0, 0, 0
@@ -219,9 +221,9 @@ class Trainer:
         """:func:`grad_shares` of each task's term of :meth:`_objective`, on this micro-batch."""
         shards = self.env.world_size * self.cfg.train.accum_steps
         terms = {}
-        for t, key in zip(self.tasks, self.share_keys):
+        for t in self.tasks:
             term = self.inner.weights[t] * out[f"loss_{t}"] * (shards if f"loss_{t}" in self.sum_keys else 1)
-            terms[key] = self.scaler.scale(term) if self.scaler is not None else term
+            terms[t] = self.scaler.scale(term) if self.scaler is not None else term
         return grad_shares(terms, [p for p in self.inner.backbone.parameters() if p.requires_grad], self.env)
 
     def _micro_factors(self) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 Panels, each drawn only when the run logged it (``metrics.csv``): the losses (total and each
 objective's unweighted term, log scale), the learning rate, SwAV's ``swav_collapse``, each
-objective's share of the backbone gradient (``grad_share_*``), the k-NN monitor (``knn_*``); then
-one line per downstream result in ``<run>/eval/*.json``. Per-step values are drawn faint with a
-moving average over them.
+objective's share of the backbone gradient (``grad_share_*``), the cosines between objectives'
+gradients (``grad_cos_*``), the k-NN monitor (``knn_*``); then one line per downstream result in
+``<run>/eval/*.json``. Per-step values are drawn faint with a moving average over them.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def panels(rows: list[dict]) -> list[tuple[str, list[str], bool]]:
         ("learning rate", logged(["lr"]), False),
         ("SwAV collapse (1 = uniform predictions)", logged(["swav_collapse"]), False),
         ("share of the backbone gradient", logged([c for c in cols if c.startswith("grad_share_")]), False),
+        ("cosine between objectives' gradients", logged([c for c in cols if c.startswith("grad_cos_")]), False),
         ("k-NN monitor", logged([c for c in cols if c.startswith("knn_")]), False),
     ]
     return [p for p in spec if p[1]]
