@@ -22,23 +22,23 @@ def pair_key(a: str, b: str) -> str:
     return f"grad_cos_{a}_{b}"
 
 
-def _dot(xs: tuple[torch.Tensor | None, ...], ys: tuple[torch.Tensor | None, ...], zero: torch.Tensor) -> torch.Tensor:
-    """``<x, y>`` over all parameters (fp32); a parameter without gradient on either side adds 0."""
-    return sum((torch.dot(x.flatten().float(), y.flatten().float()) for x, y in zip(xs, ys)
-                if x is not None and y is not None), zero)  # fmt: skip
-
-
 def grad_shares(terms: dict[str, torch.Tensor], params: list[torch.Tensor], env: DistEnv) -> dict[str, float]:
     """``{"grad_share_<task>": share, "grad_cos_<a>_<b>": cosine}`` from this process's ``terms``
     (``{task: scalar loss}`` sharing one graph, kept for the backward that follows), each averaged
-    over processes (the cosine of each process's gradients, not of their sum); one host sync."""
+    over processes (the cosine of each process's gradients, not of their sum); one host sync.
+
+    Each task's gradient becomes one fp32 row of ``G`` (a parameter it does not reach: zeros), so
+    every norm and inner product comes from one Gram matrix ``G G^T``."""
     names = list(terms)
-    grads = [torch.autograd.grad(terms[t], params, retain_graph=True, allow_unused=True) for t in names]
-    zero = torch.zeros((), device=env.device)
-    norms = torch.stack([_dot(g, g, zero).sqrt() for g in grads])
-    pairs = list(combinations(range(len(names)), 2))
-    cosines = [_dot(grads[i], grads[j], zero) / (norms[i] * norms[j]).clamp_min(1e-30) for i, j in pairs]
-    stats = torch.cat([norms / norms.sum().clamp_min(1e-30), torch.stack(cosines) if cosines else norms[:0]])
-    stats = (all_reduce_sum(stats.detach(), env) / env.world_size).tolist()
-    keys = [f"grad_share_{t}" for t in names] + [pair_key(names[i], names[j]) for i, j in pairs]
+    rows = torch.zeros(len(names), sum(p.numel() for p in params), device=env.device)
+    for row, t in zip(rows, names):
+        grads = torch.autograd.grad(terms[t], params, retain_graph=True, allow_unused=True)
+        row.copy_(torch.cat([p.new_zeros(p.numel()) if g is None else g.flatten() for g, p in zip(grads, params)]))
+    gram = rows @ rows.t()
+    norms = gram.diagonal().sqrt()
+    i, j = torch.triu_indices(len(names), len(names), offset=1, device=env.device)
+    cosines = gram[i, j] / (norms[i] * norms[j]).clamp_min(1e-30)
+    stats = torch.cat([norms / norms.sum().clamp_min(1e-30), cosines]).detach()
+    stats = (all_reduce_sum(stats, env) / env.world_size).tolist()
+    keys = [f"grad_share_{t}" for t in names] + [pair_key(a, b) for a, b in combinations(names, 2)]
     return dict(zip(keys, stats))
