@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hvpmtl.cli import main
-from hvpmtl.eval.ablation import MIXES, Ablation, Evaluation, evaluations, mean_std, mix_overrides
+from hvpmtl.cli import build_parser, main
+from hvpmtl.eval.ablation import DEFAULT_MIXES, MIXES, Ablation, Evaluation, evaluations, mean_std, mix_overrides
 
 from .conftest import TINY_RUN
 
@@ -27,6 +27,12 @@ def test_mixes_switch_off_the_right_tasks():
     assert mix_overrides("no-swav") == ["tasks.swav.weight=0"]
     assert sorted(mix_overrides("mim")) == ["tasks.distill.weight=0", "tasks.mlc.weight=0", "tasks.swav.weight=0"]
     assert {m for m in MIXES if len(MIXES[m]) == 1} == {"no-mlc", "no-swav", "no-mim", "no-md"}  # Table 5
+    assert sorted(mix_overrides("mlc-md")) == ["tasks.mim.weight=0", "tasks.swav.weight=0"]  # the supervised half
+
+
+def test_default_run_is_table_5_and_each_objective_alone():
+    args = build_parser().parse_args(["ablate"])
+    assert args.mixes.split(",") == list(DEFAULT_MIXES) and set(DEFAULT_MIXES) == set(MIXES) - {"mlc-md"}
 
 
 def test_item_columns_show_items_at_the_mosaic_scale():

@@ -11,7 +11,7 @@ ABLATION_PRESET = "cpu-micro"
 
 
 def add_parsers(sub, over: dict) -> None:
-    from hvpmtl.eval.ablation import MIXES
+    from hvpmtl.eval.ablation import DEFAULT_MIXES, MIXES
 
     p = sub.add_parser(
         "ablate",
@@ -20,8 +20,9 @@ def add_parsers(sub, over: dict) -> None:
     )
     p.add_argument("--config", "-c", help="pre-training preset or YAML (default: cpu-micro, the ablation preset)")
     p.add_argument("--out", default="runs/ablate", help="folder of the cells and of ablation.md (default runs/ablate)")
-    p.add_argument("--mixes", default=",".join(MIXES), metavar="MIX,MIX",
-                   help=f"comma-separated task mixes (default: all of {','.join(MIXES)})")  # fmt: skip
+    p.add_argument("--mixes", default=",".join(DEFAULT_MIXES), metavar="MIX,MIX",
+                   help=f"comma-separated task mixes from {','.join(MIXES)} (default: "
+                   f"{','.join(DEFAULT_MIXES)})")  # fmt: skip
     p.add_argument("--seeds", default=None, help="comma-separated train.seed values (default 0,1,2; --smoke: 0)")
     p.add_argument("--images", nargs=2, type=int, default=[5000, 2000], metavar=("TRAIN", "EVAL"),
                    help="images of the pre-training data for its linear probe (default 5000 2000)")  # fmt: skip

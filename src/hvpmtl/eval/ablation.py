@@ -30,11 +30,13 @@ MIXES = {  # name -> the tasks switched off (weight 0, not built)
     "mlc": ("swav", "mim", "distill"),
     "swav": ("mlc", "mim", "distill"),
     "mim": ("mlc", "swav", "distill"),
+    "mlc-md": ("swav", "mim"),  # the supervised half; not in the default run (DEFAULT_MIXES)
 }
+DEFAULT_MIXES = ("full", "no-mlc", "no-swav", "no-mim", "no-md", "mlc", "swav", "mim")  # Table 5 + each alone
 LABELS = {
     "full": "all four (HVP-MTL)", "no-mlc": "without MLC", "no-swav": "without SwAV (CL)",
     "no-mim": "without MIM", "no-md": "without MD", "mlc": "MLC only", "swav": "SwAV only",
-    "mim": "MIM only", "random": "random init", "pixels": "raw pixels (no backbone)",
+    "mim": "MIM only", "mlc-md": "MLC and MD", "random": "random init", "pixels": "raw pixels (no backbone)",
 }  # fmt: skip
 BASELINES = {"random": "random-init", "pixels": "pixels"}  # rows without pre-training -> result folder suffix
 SMOKE = ["train.max_steps=3", "train.ckpt_every=3", "data.batch_size=16", "data.train_size=48",
