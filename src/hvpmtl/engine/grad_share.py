@@ -17,9 +17,10 @@ import torch
 from hvpmtl.engine.distributed import DistEnv, all_reduce_sum
 
 
-def pair_key(a: str, b: str) -> str:
-    """``grad_cos_<a>_<b>`` for the metrics of tasks ``a`` and ``b`` (in the tasks' order)."""
-    return f"grad_cos_{a}_{b}"
+def grad_share_keys(tasks: list[str] | tuple[str, ...]) -> list[str]:
+    """The metric names :func:`grad_shares` returns for ``tasks``, in its order: ``grad_share_<t>``
+    per task, then ``grad_cos_<a>_<b>`` per pair (in the tasks' order)."""
+    return [f"grad_share_{t}" for t in tasks] + [f"grad_cos_{a}_{b}" for a, b in combinations(tasks, 2)]
 
 
 def grad_shares(terms: dict[str, torch.Tensor], params: list[torch.Tensor], env: DistEnv) -> dict[str, float]:
@@ -40,5 +41,4 @@ def grad_shares(terms: dict[str, torch.Tensor], params: list[torch.Tensor], env:
     cosines = gram[i, j] / (norms[i] * norms[j]).clamp_min(1e-30)
     stats = torch.cat([norms / norms.sum().clamp_min(1e-30), cosines]).detach()
     stats = (all_reduce_sum(stats, env) / env.world_size).tolist()
-    keys = [f"grad_share_{t}" for t in names] + [pair_key(a, b) for a, b in combinations(names, 2)]
-    return dict(zip(keys, stats))
+    return dict(zip(grad_share_keys(names), stats))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from hvpmtl.engine.distributed import (
     wrap_model,
 )
 from hvpmtl.engine.faults import Faults, SimulatedCrash  # noqa: F401  (SimulatedCrash: re-export)
-from hvpmtl.engine.grad_share import grad_shares, pair_key
+from hvpmtl.engine.grad_share import grad_share_keys, grad_shares
 from hvpmtl.engine.guards import BufferSnapshot, untrained_reason
 from hvpmtl.engine.loader import DeviceFeed, build_pretrain_loader
 from hvpmtl.engine.loggers import check_loggers
@@ -146,8 +145,7 @@ class Trainer:
         self.share_every = every if 0 < every <= self.total_steps and len(self.tasks) > 1 and not self.fsdp else 0
         if 0 < every <= self.total_steps and len(self.tasks) > 1 and self.fsdp and env.is_main:
             print("warning: train.grad_share_every: gradient shares are not measured under FSDP")
-        shares = (*(f"grad_share_{t}" for t in self.tasks), *(pair_key(a, b) for a, b in combinations(self.tasks, 2)))
-        self.share_keys = shares if self.share_every else ()
+        self.share_keys = tuple(grad_share_keys(self.tasks)) if self.share_every else ()
         self.log_keys = ("loss", *self.keys, *self.share_keys, *(self.monitor.keys if self.monitor else ()))
 
         self.step, self.skipped, self.bad_streak = 0, 0, 0
