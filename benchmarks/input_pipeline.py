@@ -166,7 +166,7 @@ def main() -> None:
     p.add_argument("--jpeg-size", default="500x375", help="W x H of the generated JPEGs (ImageNet's mean is ~500x375)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: the preset's")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's table of 4 end-to-end steps per row")
-    p.add_argument("--out", default="benchmarks/input_pipeline.csv")
+    p.add_argument("--out", default="runs/benchmarks/input_pipeline.csv")
     p.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
@@ -210,6 +210,7 @@ def main() -> None:
                    "end_to_end_vs_model": round(r["end_to_end"] / model, 3)}  # fmt: skip
             rows.append(row)
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--window", type=int, default=1000, help="data.shard_shuffle")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--dir", help="work folder (default: a temporary one)")
-    p.add_argument("--out", default="benchmarks/shards_vs_files.csv")
+    p.add_argument("--out", default="runs/benchmarks/shards_vs_files.csv")
     args = p.parse_args()
     torch.set_num_threads(1)  # as in a loader worker
 
@@ -111,6 +111,7 @@ def main() -> None:
                 rows.append({"reader": name, "workers": workers, "images": n, "size": args.size,
                              "img_per_s": median, "best": best})  # fmt: skip
                 print(f"{name:22s} workers={workers}: {rows[-1]['img_per_s']:8.1f} img/s (best {rows[-1]['best']})")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -277,6 +277,7 @@ def write_csv(rows: list[dict], path: str) -> None:
         w.writerows({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in r.items()} for r in rows)
         f.write(text.getvalue().encode())
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, write)
 
 
@@ -336,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="side of the square matmuls that measure the peak (default 2048 on CPU, 8192 on CUDA)",
     )
-    p.add_argument("--out", default="benchmarks/step_cost.csv", help="CSV to write")
+    p.add_argument("--out", default="runs/benchmarks/step_cost.csv", help="CSV to write (default under runs/)")
     p.add_argument(
         "--profile",
         metavar="VARIANT",

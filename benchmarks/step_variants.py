@@ -232,10 +232,15 @@ def count_flops(model: nn.Module, batch: dict) -> int:
 
 
 def compile_model(model: nn.Module, scope: str = "backbone") -> None:
-    """Compile as the loop does (``train.compile``, ``scope="backbone"``): the backbones, not the
-    heads; or (``scope="model"``) the whole forward, heads and losses included."""
+    """Compile as the loop does: ``scope="backbone"`` (``train.compile=backbone``) the backbones,
+    not the heads; ``scope="model"`` (``train.compile=model``) the whole forward, heads and losses
+    included (``HVPMTL.compile_forward``; the naive variant compiles each part's)."""
     if scope == "model":
-        model.compile()
+        hvps = model.parts if isinstance(model, Naive) else [model] if isinstance(model, HVPMTL) else []
+        for part in hvps:
+            part.compile_forward()
+        if not hvps:
+            model.compile()
     elif isinstance(model, HVPMTL):
         _compile_hvp(model)
     else:

@@ -69,6 +69,7 @@ class HVPMTL(nn.Module):
                 setattr(self, attr, module)
         self.forward_order = _forward_order(self.objectives)
         self.iteration = 0  # optimiser steps taken; persisted through get/set_extra_state
+        self._compiled_step = None  # set by compile_forward()
 
     # ------------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict:
@@ -146,11 +147,34 @@ class HVPMTL(nn.Module):
         B = views[0].shape[0]
         return {k: (fmap[i * B : (i + 1) * B], pooled[i * B : (i + 1) * B]) for i, k in enumerate(keys)}
 
+    def compile_forward(self, retain_graph: bool = False, **kwargs: Any) -> None:
+        """``torch.compile`` the whole step's forward (every backbone pass, the teacher's, the heads
+        and the losses; ``kwargs`` go to ``torch.compile``). The counters stay outside it: each
+        objective's :meth:`~Objective.phase` is read before and :meth:`~Objective.after_forward`
+        runs after, so the compiled forward recompiles only when a phase changes (SwAV's
+        prototypes unfreezing, its queue coming into use), not at every step.
+
+        ``retain_graph``: some backward of a forward will retain its graph (the gradient shares'
+        ``autograd.grad`` calls), so AOT autograd must not donate the saved activations' memory
+        to the backward's outputs. This turns ``torch._functorch.config.donated_buffer`` off for
+        the process (AOT autograd reads it when each backward graph compiles and runs), which
+        costs some of the backward's peak memory."""
+        if retain_graph and hasattr(torch._functorch.config, "donated_buffer"):
+            torch._functorch.config.donated_buffer = False
+        self._compiled_step = torch.compile(self._step, **kwargs)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        phases = {name: objective.phase(self, self.iteration) for name, objective in self.objectives.items()}
+        out = (self._compiled_step or self._step)(batch, phases)
+        for objective in self.objectives.values():
+            objective.after_forward(self, batch)
+        return out
+
+    def _step(self, batch: dict, phases: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The forward proper, what :meth:`compile_forward` compiles: no host counters read."""
         views, mask = batch["views"], batch.get("mask")
         need = self._inputs()
-        step = Step(views, mask, batch.get("labels"), need, self._encode(views, mask, list(need.values())),
-                    self.iteration)  # fmt: skip
+        step = Step(views, mask, batch.get("labels"), need, self._encode(views, mask, list(need.values())), phases)
         losses: dict[str, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
         for name in self.forward_order:

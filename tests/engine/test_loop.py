@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -61,6 +63,11 @@ def test_killed_run_resumes_exactly(run_cli, tmp_path, ckpt_every, crash, queue)
     wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
+    # each start of a run adds a line: what its numbers depend on besides the config
+    starts = [json.loads(line) for line in (b / "environment.jsonl").read_text().splitlines()]
+    assert [s["start_step"] for s in starts] == [0, last]
+    assert all(s["torch_threads"] == torch.get_num_threads() and s["world_size"] == 1 for s in starts)
+    assert starts[0]["torch"] == torch.__version__ and starts[0]["device"] == "cpu"
 
 
 def test_fresh_run_refuses_folder_with_checkpoints(run_cli, tmp_path):

@@ -123,9 +123,12 @@ def test_queue_is_fifo_per_view_newest_first_and_persists():
     assert head.queue.shape == (2, 6, 4) and head.queue_filled == 0
     first, second = torch.arange(32.0).view(2, 4, 4), 100 + torch.arange(32.0).view(2, 4, 4)
     head.push(first[0], first[1])
+    assert head.queue_filled == 0  # the forward pushes; the count follows outside it
+    head.count_pushed(4)
     assert head.queue_filled == 4 and torch.equal(head.queue[:, :4], first) and not head.queue[:, 4:].any()
     head.push(second[0], second[1])
-    assert head.queue_filled == 6
+    head.count_pushed(4)
+    assert head.queue_filled == 6 and int(head.queue_rows) == 6
     assert torch.equal(head.queue[:, :4], second) and torch.equal(head.queue[:, 4:], first[:, :2])
     copy = SwAVHead(8, SwAVConfig(hidden_dim=16, out_dim=4, num_prototypes=5, queue_length=6))
     copy.load_state_dict(head.state_dict())  # queue and fill level travel in checkpoints

@@ -8,6 +8,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
+COMPILE_SCOPES = (False, True, "backbone", "model")  # train.compile; true is "backbone"
 LOGGERS = ("tensorboard", "wandb", "mlflow")  # metrics.csv is always written
 
 
@@ -90,7 +91,9 @@ class TrainConfig:
     max_steps: int = 0  # > 0: stop after this many optimiser steps (overrides epochs)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimiser step
     precision: str = "fp32"  # fp32 | bf16 (CPU and CUDA) | fp16 (CUDA, with a GradScaler)
-    compile: bool = False  # torch.compile the backbone(s)
+    # torch.compile: false | backbone (true: the student's and the teacher's backbones) | model (the
+    # whole forward: backbone passes, heads and losses; recompiles only when a task's phase changes)
+    compile: bool | str = False
     seed: int = 0
     output_dir: str = "runs/default"  # downstream commands: empty = a folder beside the evaluated run
     device: str = "auto"  # auto | cpu | cuda
@@ -120,6 +123,7 @@ class TrainConfig:
         check(self.max_steps >= 0, "max_steps", "must be >= 0 (0: use epochs)")
         check(self.accum_steps >= 1, "accum_steps", "must be >= 1")
         check(self.precision in PRECISIONS, "precision", f"choose one of {', '.join(PRECISIONS)}")
+        check(self.compile in COMPILE_SCOPES, "compile", "choose one of false, true (= backbone), backbone, model")
         check(self.device in DEVICES, "device", f"choose one of {', '.join(DEVICES)}")
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.grad_share_every >= 0, "grad_share_every", "must be >= 0 (0: off)")

@@ -27,7 +27,6 @@ from hvpmtl.engine.distributed import (
     DistEnv,
     all_reduce_sum,
     barrier,
-    broadcast_object,
     cleanup_distributed,
     gradient_sync,
     init_distributed,
@@ -105,7 +104,9 @@ class Trainer:
         model = hvpmtl.build(cfg, cfg.data.num_classes, init_weights=ckpt_path is None).to(env.device)
         if ckpt_path is None and env.is_main and (start := start_source(cfg.backbone)) is not None:
             print(f"backbone starts from {start}")
-        if t.compile:
+        if t.compile == "model":
+            model.compile_forward(retain_graph=t.grad_share_every > 0)
+        elif t.compile:  # true or "backbone"
             model.backbone.compile()
             if model.teacher is not None:
                 model.teacher["backbone"].compile()
@@ -156,6 +157,7 @@ class Trainer:
         if env.is_main:
             run_io.open_run_dir(self.run_dir, overwrite)
             save_config(cfg, self.run_dir / "config.yaml")
+            run_io.record_environment(self.run_dir, self.step, run_io.environment(env.world_size, env.device))
         barrier(env)
         self.logger = MetricsLogger(
             self.run_dir, self.log_keys, self.total_steps, self.step, cfg.data.batch_size,
@@ -166,18 +168,8 @@ class Trainer:
     def _checkpoint_to_resume(self, resume: str) -> Path | None:
         """Rank 0 checks and locks the run folder and picks (and loads) the checkpoint, as
         :func:`run_dir.plan_run` says (a shared file system may show files late); it tells the others."""
-        choice: tuple[str, str] = ("none", "")
-        self._resume_state = None
-        if self.env.is_main:
-            try:
-                path, self._resume_state = run_io.plan_run(self.run_dir, resume, self.cfg.train.overwrite)
-                choice = ("path", str(path)) if path is not None else choice
-            except (ValueError, OSError) as err:
-                choice = ("error", str(err))
-        kind, value = broadcast_object(choice, self.env)
-        if kind == "error":
-            raise ValueError(value)
-        return Path(value) if kind == "path" else None
+        path, self._resume_state = run_io.choose_checkpoint(self.run_dir, resume, self.cfg.train.overwrite, self.env)
+        return path
 
     def _resume(self, path: Path) -> None:
         state, self._resume_state = self._resume_state or ckpt_io.load_checkpoint(path), None

@@ -5,8 +5,10 @@ evaluation, parameter groups with layer-wise lr scales); :func:`train_downstream
 or under torchrun (DDP, global BatchNorm), with the pre-training engine's pieces: the global
 batch sampler, per-step warm-up + cosine schedules, AdamW, autocast, gradient clipping and
 accumulation, skipped non-finite steps, atomic checkpoints with ``train.resume=auto``, a progress
-bar, ``metrics.csv`` and TensorBoard. Evaluations run every ``eval_every`` epochs and at the end;
-their metrics go to ``eval.csv``.
+bar, ``metrics.csv``, ``environment.jsonl`` and TensorBoard, and the run folder's rules
+(:mod:`hvpmtl.engine.run_dir`: locked, a previous run refused unless resumed or
+``train.overwrite``, damaged checkpoints set aside for the newest good one). Evaluations run
+every ``eval_every`` epochs and at the end; their metrics go to ``eval.csv``.
 """
 
 from __future__ import annotations
@@ -24,15 +26,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from hvpmtl.config import save_config, to_dict
 from hvpmtl.engine import checkpoint as ckpt_io
+from hvpmtl.engine import run_dir as run_io
 from hvpmtl.engine.distributed import (
     DistEnv,
     all_reduce_sum,
     barrier,
-    broadcast_object,
     gradient_sync,
     unwrap,
     wrap_model,
 )
+from hvpmtl.engine.guards import BufferSnapshot
 from hvpmtl.engine.metrics import MetricsLogger
 from hvpmtl.engine.sampler import GlobalBatchSampler
 from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
@@ -121,10 +124,25 @@ def train_downstream(
     eval_every: int = 1, ema_decay: float | None = None,
 ) -> DownstreamResult:  # fmt: skip
     """Train ``task`` with ``cfg.optim``, ``cfg.train`` and ``cfg.dist`` (module docstring)."""
-    t, o = cfg.train, cfg.optim
     run_dir = Path(run_dir)
+    try:
+        return _train(task, cfg, env, run_dir, batch_size, num_workers, eval_every, ema_decay)
+    finally:
+        run_io.unlock_run_dir(run_dir)
+
+
+def _train(
+    task: DownstreamTask, cfg, env: DistEnv, run_dir: Path, batch_size: int, num_workers: int, eval_every: int,
+    ema_decay: float | None,
+) -> DownstreamResult:  # fmt: skip
+    # the run folder as pre-training treats it: locked, a previous run refused unless train.resume
+    # or train.overwrite, the newest good checkpoint resumed (damaged newer ones set aside)
+    ckpt_path, ckpt_state = run_io.choose_checkpoint(run_dir, cfg.train.resume, cfg.train.overwrite, env)
+    cfg = copy.deepcopy(cfg)
+    overwrite, cfg.train.overwrite = cfg.train.overwrite, False  # a one-off: the saved config must not carry it
+    t, o = cfg.train, cfg.optim
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_io.open_run_dir(run_dir, overwrite)
         save_config(cfg, run_dir / "config.yaml")
     barrier(env)
     to_device = task.to_device or _default_to_device
@@ -158,23 +176,21 @@ def train_downstream(
     lr = warmup_cosine(o.lr, o.min_lr, total, warmup_steps_for(o.warmup_epochs, o.warmup_steps, spe))
 
     step, skipped, streak, history = 0, 0, 0, []
-    choice = ("none", "")
-    if env.is_main and (latest := ckpt_io.find_latest(run_dir)) is not None:
-        choice = ("path", str(latest)) if t.resume == "auto" else ("error", (
-            f"train.output_dir={run_dir} already holds checkpoints; continue with train.resume=auto "
-            "or choose another train.output_dir"))  # fmt: skip
-    kind, value = broadcast_object(choice, env)
-    if kind == "error":
-        raise ValueError(value)
-    if kind == "path":
-        state = ckpt_io.load_checkpoint(value)
+    if ckpt_path is not None:
+        state = ckpt_state or ckpt_io.load_checkpoint(ckpt_path)
+        changed = run_io.changed_config_keys(state.get("config", {}), to_dict(cfg))
+        ckpt_io.check_fits(state["model"], wrapped, ckpt_path, changed)
+        if changed and env.is_main:
+            print(f"warning: resuming {ckpt_path} with a changed config: {', '.join(changed)}")
         ckpt_io.restore(state, wrapped, optimizer, scaler, env)
         step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
         history = list(state.get("history", []))
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         if env.is_main:
-            print(f"resumed {task.name} from {value} at step {step}")
+            print(f"resumed {task.name} from {ckpt_path} at step {step}")
+    if env.is_main:
+        run_io.record_environment(run_dir, step, run_io.environment(env.world_size, env.device))
     logger = MetricsLogger(run_dir, task.loss_keys, total, step, batch_size, enabled=env.is_main,
                            progress=t.progress, desc=task.name)  # fmt: skip
     amp = dict(device_type=env.device.type, dtype=torch.bfloat16 if t.precision == "bf16" else torch.float16,
@@ -206,7 +222,7 @@ def train_downstream(
         path = ckpt_io.checkpoint_path(run_dir, step)
         ckpt_io.save_checkpoint(path, wrapped, optimizer, scaler, loop_state, to_dict(cfg), env)
         if env.is_main:
-            ckpt_io.prune_checkpoints(run_dir, max(t.keep_ckpts, 1))
+            ckpt_io.prune_checkpoints(run_dir, t.keep_ckpts)  # 0 keeps all
 
     start, last_log, pending = time.perf_counter(), time.perf_counter(), []
     wrapped.train()
@@ -220,6 +236,7 @@ def train_downstream(
                     g["lr"] = float(lr[step]) * g["lr_scale"]
                     g["weight_decay"] = o.weight_decay * g["wd_scale"]
                 values = torch.zeros(len(task.loss_keys), device=env.device)
+                buffers = BufferSnapshot(inner)  # BatchNorm statistics etc., put back if the step is skipped
                 for a in range(t.accum_steps):
                     batch = to_device(next(batches), env.device)
                     with gradient_sync(wrapped, a == t.accum_steps - 1):
@@ -235,18 +252,23 @@ def train_downstream(
                         else torch.nn.utils.get_total_norm([p.grad for p in params]))  # fmt: skip
                 bad = (~torch.isfinite(values.sum())).float() + (0.0 if scaler else (~torch.isfinite(norm)).float())
                 ok = all_reduce_sum(bad.reshape(1), env).item() == 0
+                stepped = ok
+                if ok and scaler is not None:
+                    scale = scaler.get_scale()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    stepped = scaler.get_scale() >= scale  # a lowered scale: the scaler skipped the step
+                elif ok:
+                    optimizer.step()
+                elif scaler is not None:
+                    scaler.update()
+                if stepped and ema is not None:
+                    ema.update(inner, step=step)
+                if not stepped:
+                    buffers.restore()
                 if ok:
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    if ema is not None:
-                        ema.update(inner, step=step)
                     streak = 0
                 else:
-                    if scaler is not None:
-                        scaler.update()
                     skipped, streak = skipped + 1, streak + 1
                     if streak >= t.max_bad_steps:
                         raise FloatingPointError(

@@ -66,6 +66,7 @@ class Step:
 
     ``features[key]`` is the student's ``(fmap B x d0 x h x w, pooled B x d0)`` for each distinct
     ``(view, masked?)`` pair; ``inputs`` maps each objective's input names to those pairs.
+    ``phases[name]`` is what objective ``name``'s :meth:`Objective.phase` gave for this step.
     ``shared[name]`` holds what objective ``name`` leaves for the objectives that require it.
     """
 
@@ -74,7 +75,7 @@ class Step:
     labels: torch.Tensor | None
     inputs: dict[str, Key]
     features: dict[Key, tuple[torch.Tensor, torch.Tensor]]
-    iteration: int
+    phases: dict[str, dict[str, Any]]
     shared: dict[str, Any] = field(default_factory=dict)
 
     def fmap(self, name: str) -> torch.Tensor:
@@ -116,10 +117,23 @@ class Objective:
         prefix them with the objective's name. Equal pairs share one backbone pass."""
         return {}
 
+    def phase(self, model: nn.Module, iteration: int) -> dict[str, Any]:
+        """The Python values this step's :meth:`forward` branches on (``step.phases[name]``), read
+        before the forward: e.g. whether SwAV's prototypes are still frozen at ``iteration``.
+        Derive such switches here, not from counters inside :meth:`forward`: a compiled forward
+        (``train.compile=model``) is specialised on these values, so it recompiles only when one
+        of them changes, not at every step."""
+        return {}
+
     def forward(self, model: nn.Module, step: Step, with_loss: bool) -> dict[str, torch.Tensor]:
         """``{"loss": unweighted loss, **extras}`` (extras go into the model's output as they are);
-        ``with_loss`` is False when the objective runs only for those that require it."""
+        ``with_loss`` is False when the objective runs only for those that require it. Keep it to
+        tensor work: host-side state it changes belongs in :meth:`after_forward`."""
         raise NotImplementedError
+
+    def after_forward(self, model: nn.Module, batch: dict) -> None:
+        """Called after every forward, outside a compiled forward: host-side bookkeeping of what
+        the forward did (SwAV's count of queued rows)."""
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (EMA updates, re-normalisations)."""

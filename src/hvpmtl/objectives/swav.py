@@ -77,10 +77,15 @@ class SwAVHead(nn.Module):
 
     @torch.no_grad()
     def push(self, z_a: torch.Tensor, z_b: torch.Tensor) -> None:
-        """Put this step's normalised features of both views (the global batch) first in the queue."""
+        """Put this step's normalised features of both views (the global batch) first in the queue;
+        the count of filled rows follows in :meth:`count_pushed`, outside the forward."""
         new = torch.stack([z_a, z_b]).to(self.queue.dtype)[:, : self.queue.shape[1]]
         self.queue.copy_(torch.cat([new, self.queue[:, : self.queue.shape[1] - new.shape[1]]], dim=1))
-        self.queue_filled = min(self.queue_filled + new.shape[1], self.queue.shape[1])
+
+    @torch.no_grad()
+    def count_pushed(self, rows: int) -> None:
+        """Count ``rows`` more queued rows (host copy and buffer; no device sync)."""
+        self.queue_filled = min(self.queue_filled + rows, self.queue.shape[1])
         self.queue_rows.fill_(self.queue_filled)
 
     @torch.no_grad()
@@ -98,15 +103,19 @@ class SwAVHead(nn.Module):
         return z @ w.t(), z
 
 
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world_size() > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
 
 def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     """The rows of ``t`` from every process, in rank order (no gradient): the global batch."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if _world_size() == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
@@ -144,7 +153,7 @@ def sinkhorn(
     global sums count them once); only the batch's codes are returned.
     """
     logits = scores.float() / epsilon
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = _world_size()
     rows = logits.shape[0]
     num_protos, batch = logits.shape[1], rows * world
     if queue_scores is not None:
@@ -212,20 +221,30 @@ class SwAVObjective(Objective):
         masked = plan.masking and plan.routing.swav_masked
         return {"swav_a": (plan.masked_view, masked), "swav_b": (plan.clean_view, False)}
 
+    def phase(self, model: nn.Module, iteration: int) -> dict[str, bool]:
+        """Prototypes frozen; the queue full and past ``queue_start_iters`` (then it takes part)."""
+        c, filled = self.cfg, model.swav.queue_filled
+        use_queue = c.queue_length > 0 and filled == c.queue_length and iteration >= c.queue_start_iters
+        return {"frozen": iteration < c.freeze_prototypes_iters, "use_queue": use_queue}
+
     def forward(self, model: nn.Module, step, with_loss: bool) -> dict[str, torch.Tensor]:
-        frozen = step.iteration < self.cfg.freeze_prototypes_iters
-        head = model.swav
-        scores, z = head(torch.cat([step.pooled("swav_a"), step.pooled("swav_b")]), freeze_prototypes=frozen)
+        phase, head = step.phases[self.name], model.swav
+        scores, z = head(torch.cat([step.pooled("swav_a"), step.pooled("swav_b")]), freeze_prototypes=phase["frozen"])
         sa, sb = scores.chunk(2)
         queued = None
-        if self.cfg.queue_length:
-            if head.queue_filled == self.cfg.queue_length and step.iteration >= self.cfg.queue_start_iters:
-                with torch.no_grad():
-                    queued = head.queue @ head.prototypes.weight.t().to(head.queue.dtype)
-            if head.training:
-                head.push(*(all_gather_rows(v) for v in z.detach().chunk(2)))
+        if phase["use_queue"]:
+            with torch.no_grad():
+                queued = head.queue @ head.prototypes.weight.t().to(head.queue.dtype)
+        if self.cfg.queue_length and head.training:
+            head.push(*(all_gather_rows(v) for v in z.detach().chunk(2)))
         loss, collapse = swav_loss(sa, sb, self.cfg, queued)
         return {"swav_collapse": collapse, "loss": loss}
+
+    def after_forward(self, model: nn.Module, batch: dict) -> None:
+        """The queue took this step's global batch (this process's images times the processes)."""
+        head = model.swav
+        if self.cfg.queue_length and head.training:
+            head.count_pushed(batch["views"][0].shape[0] * _world_size())
 
     def after_step(self, model: nn.Module) -> None:
         model.swav.normalize_prototypes()
