@@ -13,7 +13,7 @@ from PIL import Image
 
 from hvpmtl.cli import main
 from hvpmtl.data import DataConfig, ManifestImages, SyntheticScenes
-from hvpmtl.data.inspect import inspect_dataset, scan_dataset, summarize
+from hvpmtl.data.inspect import inspect_dataset, markdown, scan_dataset, summarize
 
 pytest.importorskip("matplotlib")
 
@@ -96,6 +96,10 @@ def test_image_sizes_come_from_the_headers(manifest):
     assert (sizes["height"]["min"], sizes["height"]["max"]) == (24, 48)
     assert sizes["most_common"][0] == {"size": "32x24", "images": 2}
     assert sizes["short_side_below_img_size"] == 5  # all but 40x40
+    # short sides 24, 24, 40, 16, 32, 32 (the truncated file's header): three are at least twice 16
+    assert summarize(_scan(manifest), img_size=33, decode_side=16)["image_sizes"]["short_side_twice_decode_side"] == 3
+    assert "`data.reduced_decode=true` decodes them" in markdown(summarize(_scan(manifest), decode_side=16), "t", False)
+    assert "reduced_decode" not in markdown(summarize(_scan(manifest), decode_side=21), "t", False)  # none >= 42
 
 
 def test_limit_scans_a_seeded_sample(manifest):

@@ -55,6 +55,7 @@ from hvpmtl.data.views import (
     SeededItems,
     TwoViewTransform,
     collate_pretrain,
+    reduced_decode_side,
     view_seed,
 )
 
@@ -211,8 +212,10 @@ def build_pretrain_dataset(cfg: Any, split: str = "train") -> Dataset:
         return pretrain_stream(cfg, _vocabulary(cfg.data), build_view_transform(cfg))
     base = build_dataset(cfg.data, cfg.backbone.img_size, split)
     _check_tags(base, cfg)
-    if isinstance(base, ImageFiles) and cfg.train.output_dir:
-        base.skip_log_dir = Path(cfg.train.output_dir)
+    if isinstance(base, ImageFiles):
+        base.decode_min_side = reduced_decode_side(cfg)  # large JPEGs decode at what the views need
+        if cfg.train.output_dir:
+            base.skip_log_dir = Path(cfg.train.output_dir)
     return PretrainViews(base, build_view_transform(cfg), seed=cfg.train.seed)
 
 

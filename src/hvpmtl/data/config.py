@@ -65,6 +65,10 @@ class DataConfig:
     persistent_workers: bool = True  # ignored when num_workers is 0
     prefetch_factor: int = 2  # items each worker keeps ready (a batch; with shards, its part of one)
     augment_on: str = "cpu"  # cpu | device: workers only crop (uint8); flip, jitter, rotation, RandAugment batched
+    # pre-training: decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when every crop the views
+    # can draw still keeps backbone.img_size pixels a side: 1.2-3.5x faster samples from 1-12 MP photos, the
+    # views of a data set resized offline to that size (docs/benchmarks.md); off: images decode as stored
+    reduced_decode: bool = False
 
     # views (SPEC: random resized crop, flip, colour jitter, rotation, RandAugment)
     mean: tuple[float, float, float] = IMAGENET_MEAN

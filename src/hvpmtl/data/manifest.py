@@ -162,13 +162,14 @@ class ImageFiles(Dataset):
         self.num_skipped = 0  # bad images replaced in this process
         self.skipped_files: set[str] = set()
         self.skip_log_dir: Path | None = None
+        self.decode_min_side = 0  # > 0: large JPEGs decode reduced, keeping this many pixels a side (read_image)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load_image(self, i: int) -> torch.Tensor:
         """Image ``i`` as uint8 RGB (subclasses that keep images elsewhere, e.g. in shards, override this)."""
-        return read_image(self.paths[i], self.max_pixels)
+        return read_image(self.paths[i], self.max_pixels, min_side=self.decode_min_side)
 
     def _where(self, i: int) -> str:
         return f"{self.sources[i]}: " if self.sources else ""

@@ -53,7 +53,7 @@ from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from hvpmtl.data.decode import BadImageError, read_image
 from hvpmtl.data.shards import ShardIndex, image_member, load_shard_index, parse_labels
 from hvpmtl.data.skipped import record_skipped_image
-from hvpmtl.data.views import TwoViewTransform, collate_pretrain, seeded_cpu_rng, view_seed
+from hvpmtl.data.views import TwoViewTransform, collate_pretrain, reduced_decode_side, seeded_cpu_rng, view_seed
 
 __all__ = ["ShardStream", "pretrain_stream"]
 
@@ -103,6 +103,7 @@ class ShardStream(IterableDataset):
         self.vocab = {name: k for k, name in enumerate(self.classes)}
         self.global_batch, self.streams, self.window = global_batch, streams, shuffle_window
         self.on_bad_image, self.max_pixels = on_bad_image, max_pixels
+        self.decode_min_side = 0  # > 0: large JPEGs decode reduced, keeping this many pixels a side (read_image)
         self.per_stream = index.total // streams
         self.skip_log_dir: Path | None = None
         self.num_skipped, self._warned = 0, set()
@@ -240,7 +241,7 @@ class ShardStream(IterableDataset):
             data, labels, own, where = self._decode(window[(j + step) % len(window)])
             index = own if index is None else index  # the asked sample's
             try:
-                image = read_image(where, self.max_pixels, data=data)
+                image = read_image(where, self.max_pixels, data=data, min_side=self.decode_min_side)
             except BadImageError as err:
                 if self.on_bad_image == "error":
                     why = f"cannot read image {where}: {err.reason} (data.on_bad_image=skip skips unreadable images)"
@@ -295,4 +296,5 @@ def pretrain_stream(cfg: Any, classes: list[str] | None, transform: TwoViewTrans
                          d.on_bad_image, d.max_image_pixels)  # fmt: skip
     if cfg.train.output_dir:
         stream.skip_log_dir = Path(cfg.train.output_dir)
+    stream.decode_min_side = reduced_decode_side(cfg)
     return stream

@@ -246,7 +246,7 @@ class ShardImages(ImageFiles):
             return f.read(size)
 
     def load_image(self, i: int) -> torch.Tensor:
-        return read_image(self.paths[i], self.max_pixels, data=self.raw_bytes(i))
+        return read_image(self.paths[i], self.max_pixels, data=self.raw_bytes(i), min_side=self.decode_min_side)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,9 +9,11 @@ produce the same batches, and the caller's RNG state is left as it was.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,6 +146,22 @@ def _parse_key(key: int | tuple[int, int]) -> tuple[int, int]:
         index, epoch = key
         return int(index), int(epoch)
     return int(key), 0
+
+
+def reduced_decode_side(cfg: Any) -> int:
+    """How small a pre-training image may be decoded (``read_image``'s ``min_side``; 0 when
+    ``data.reduced_decode`` is off). A crop of scale ``s`` and aspect ratio ``r`` of an image
+    whose shorter side is ``m`` is at least ``m sqrt(s min(r, 1/r))`` on each side, so
+    ``m = img_size / sqrt(s_min min(r_min, 1/r_max))`` keeps every crop the views can draw at
+    ``img_size`` pixels a side or more: the views never upsample what a full decode would not."""
+    d = cfg.data
+    return decode_side(cfg.backbone.img_size, d.crop_scale, d.crop_ratio) if d.reduced_decode else 0
+
+
+def decode_side(img_size: int, crop_scale: Sequence[float], crop_ratio: Sequence[float]) -> int:
+    """:func:`reduced_decode_side` for views of ``img_size`` drawn at these crop scales and ratios."""
+    ratio = min(crop_ratio[0], 1.0 / crop_ratio[1])
+    return math.ceil(img_size / math.sqrt(crop_scale[0] * ratio))
 
 
 class PretrainViews(Dataset):
