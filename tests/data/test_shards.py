@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,31 @@ def test_deeper_prefetch_keeps_the_batches(ordered):
     assert _epoch(ordered, 1, 2, prefetch=5) == _epoch(ordered, 1, 2)
     stream = ShardStream(ordered, None, seed=1, global_batch=8, streams=4, shuffle_window=5)
     assert ShardLoader(stream, 2, prefetch_factor=5).loader.prefetch_factor == 5
+
+
+def _join_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "shard-join"]
+
+
+def test_join_thread_ends_with_the_loop_and_hands_on_worker_errors(tmp_path, ordered):
+    """With several workers a thread joins the parts; it stops when the loop stops early, and a
+    worker's error reaches the training thread as that error."""
+    stream = ShardStream(ordered, None, seed=1, global_batch=8, streams=4, shuffle_window=5)
+    batches = iter(ShardLoader(stream, 2))
+    first = next(batches)
+    assert len(first) == 8 and len(_join_threads()) == 1
+    batches.close()  # the loop stops after one batch
+    assert not _join_threads()
+    index = write_shards(_source(8), tmp_path, samples_per_shard=4, shuffle_seed=None)
+    offset, size = scan_shard(index.paths[1])[1][1]["png"]  # sample 5, in the second worker's shard
+    with open(index.paths[1], "r+b") as f:
+        f.seek(offset)
+        f.write(b"x" * size)
+    bad = ShardStream(index, None, global_batch=8, streams=2, shuffle_window=4)
+    bad.check_workers(2)
+    with pytest.raises(BadImageError, match=r"train-000001.tar:00000005.png: .*data.on_bad_image=skip"):
+        list(ShardLoader(bad, 2))
+    assert not _join_threads()
 
 
 @pytest.mark.parametrize("world, workers, accum", [(1, 1, 1), (1, 2, 2), (2, 2, 1), (4, 0, 2)])

@@ -8,6 +8,8 @@ whose parts of each micro-batch :class:`ShardLoader` joins. Either way the loop 
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import torch
@@ -44,7 +46,11 @@ class ShardLoader:
     A ``DataLoader`` over an iterable data set takes item ``i`` from worker ``i mod M``; worker
     ``w`` yields its streams' part of every micro-batch, so ``M`` consecutive items are the
     parts of one micro-batch. Workers start anew each epoch (they copy the epoch to read).
+    With ``M > 1`` a thread joins the parts (and pins the batch) up to ``ahead`` micro-batches
+    ahead, so that the training thread neither copies batches nor waits for the copies.
     """
+
+    ahead = 2  # joined micro-batches the thread keeps ready
 
     def __init__(
         self, stream: ShardStream, num_workers: int, pin_memory: bool = False, seed: int = 0, prefetch_factor: int = 2
@@ -62,18 +68,53 @@ class ShardLoader:
         )
 
     def __iter__(self):
-        items = iter(self.loader)
+        items = iter(self.loader)  # the workers start here, in the calling thread
         if self.workers <= 1:
             yield from items
             return
-        while True:
-            parts = list(_take(items, self.workers))
-            if not parts:
-                return
-            if len(parts) < self.workers:
-                raise RuntimeError(f"shard loader: {len(parts)} of {self.workers} parts of a micro-batch")
-            batch = join_batches(parts)
-            yield _pinned(batch) if self.pin else batch
+        ready: queue.Queue = queue.Queue(maxsize=self.ahead)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._join_parts, args=(items, ready, stop), name="shard-join", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = ready.get()
+                if kind == "batch":
+                    yield value
+                elif kind == "error":
+                    raise value
+                else:
+                    return
+        finally:  # also when the loop stops early: the thread ends and drops the workers' iterator
+            stop.set()
+            thread.join()
+
+    def _join_parts(self, items, ready: queue.Queue, stop: threading.Event) -> None:
+        """The thread: ``("batch", joined micro-batch)`` per ``M`` parts, then ``("end", None)``;
+        an error (a worker's included) goes to the training thread as ``("error", exception)``."""
+
+        def put(item: tuple) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            while not stop.is_set():
+                parts = list(_take(items, self.workers))
+                if not parts:
+                    break
+                if len(parts) < self.workers:
+                    raise RuntimeError(f"shard loader: {len(parts)} of {self.workers} parts of a micro-batch")
+                batch = join_batches(parts)
+                if not put(("batch", _pinned(batch) if self.pin else batch)):
+                    return
+            put(("end", None))
+        except BaseException as err:  # handed to the training thread, which raises it
+            put(("error", err))
 
 
 def _take(items, n: int):
