@@ -103,14 +103,14 @@ def test_folder_in_use_is_refused_and_released_after_the_run(tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free again once the run has ended
 
 
-def test_skipped_step_leaves_batchnorm_statistics_as_they_were(tmp_path):
+def test_skipped_steps_keep_batchnorm_statistics_and_a_run_without_a_good_step_fails(tmp_path):
     task = _task()
     torch.manual_seed(0)
     task.model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
     task.param_groups = [{"params": list(task.model.parameters())}]
     task.loss = lambda net, batch: {"loss": net(batch[0]).sum() * float("nan")}  # every step non-finite
     bn = task.model[1]
-    result = train_downstream(task, _cfg("train.epochs=1"), DistEnv(), tmp_path / "toy", batch_size=16, num_workers=0)
-    assert result.steps == 4
-    assert "4" in (tmp_path / "toy" / "metrics.csv").read_text().splitlines()[-1].split(",")  # skipped_steps
+    with pytest.raises(FloatingPointError, match=r"toy: no step succeeded \(4 of 4 steps skipped.*no final evaluation"):
+        train_downstream(task, _cfg("train.epochs=1"), DistEnv(), tmp_path / "toy", batch_size=16, num_workers=0)
+    assert not (tmp_path / "toy" / "eval.csv").exists()
     assert int(bn.num_batches_tracked) == 0 and not bn.running_mean.any() and torch.all(bn.running_var == 1)

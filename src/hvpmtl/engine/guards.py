@@ -50,9 +50,13 @@ def first_nonfinite(module: nn.Module, env: DistEnv) -> str | None:
     return named[int(bad[0])][0] if len(bad) else None
 
 
-def untrained_reason(module: nn.Module, steps: int, skipped: int, env: DistEnv) -> str | None:
+def untrained_reason(
+    module: nn.Module, steps: int, skipped: int, env: DistEnv,
+    withheld: str = "nothing exported (no model.safetensors, backbone.safetensors or final checkpoint)",
+) -> str | None:  # fmt: skip
     """Why the weights of a run of ``steps`` steps (``skipped`` of them skipped) must not be kept:
-    no step succeeded, or some tensor is not finite. ``None`` when they are fine. Collective."""
+    no step succeeded, or some tensor is not finite. ``None`` when they are fine. Collective.
+    ``withheld`` says what the run then does not write."""
     tensor = first_nonfinite(module, env)
     if tensor is None and steps - skipped > 0:
         return None
@@ -61,4 +65,4 @@ def untrained_reason(module: nn.Module, steps: int, skipped: int, env: DistEnv) 
         problem = f"non-finite weights ({counts}; first non-finite tensor: {tensor})"
     else:
         problem = f"no step succeeded ({counts}): the weights are untrained"
-    return f"{problem}; nothing exported (no model.safetensors, backbone.safetensors or final checkpoint); {HINT}"
+    return f"{problem}; {withheld}; {HINT}"

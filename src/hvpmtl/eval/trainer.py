@@ -35,10 +35,12 @@ from hvpmtl.engine.distributed import (
     unwrap,
     wrap_model,
 )
-from hvpmtl.engine.guards import BufferSnapshot
+from hvpmtl.engine.guards import BufferSnapshot, untrained_reason
 from hvpmtl.engine.metrics import MetricsLogger
 from hvpmtl.engine.sampler import GlobalBatchSampler
 from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
+
+NOT_EVALUATED = "no final evaluation or checkpoint"
 
 
 @dataclass
@@ -295,6 +297,8 @@ def _train(
                 if done:
                     break
             del batches
+            if step >= total and (problem := untrained_reason(inner, step, skipped, env, NOT_EVALUATED)) is not None:
+                raise FloatingPointError(f"{task.name}: {problem}")
             epochs_done = step // spe
             if step >= total or (step % spe == 0 and epochs_done % eval_every == 0):
                 evaluate("final" if step >= total else f"epoch {epochs_done}")
