@@ -214,6 +214,7 @@ def build_pretrain_dataset(cfg: Any, split: str = "train") -> Dataset:
     _check_tags(base, cfg)
     if isinstance(base, ImageFiles):
         base.decode_min_side = reduced_decode_side(cfg)  # large JPEGs decode at what the views need
+        base.io_threads = cfg.data.io_threads
         if cfg.train.output_dir:
             base.skip_log_dir = Path(cfg.train.output_dir)
     return PretrainViews(base, build_view_transform(cfg), seed=cfg.train.seed)

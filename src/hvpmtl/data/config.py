@@ -69,6 +69,9 @@ class DataConfig:
     # can draw still keeps backbone.img_size pixels a side: 1.2-3.5x faster samples from 1-12 MP photos, the
     # views of a data set resized offline to that size (docs/benchmarks.md); off: images decode as stored
     reduced_decode: bool = False
+    # > 1: each loader worker reads a batch's image files on this many threads before decoding them in
+    # order (the same batch), so that file latency on network storage overlaps; 0: one file after another
+    io_threads: int = 0
 
     # views (SPEC: random resized crop, flip, colour jitter, rotation, RandAugment)
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -98,6 +101,7 @@ class DataConfig:
         check(self.dataset in DATASETS, "dataset", f"unknown (choose from {', '.join(DATASETS)})")
         check(self.on_bad_image in BAD_IMAGE_POLICIES, "on_bad_image", "must be 'error' or 'skip'")
         check(self.max_image_pixels >= 0, "max_image_pixels", "must be >= 0 (0 = no limit)")
+        check(self.io_threads >= 0, "io_threads", "must be >= 0 (0: read files one after another)")
         check(0.0 <= self.min_confidence <= 1.0, "min_confidence", "must be in [0, 1]")
         check(self.voc_difficult in ("exclude", "include"), "voc_difficult", "must be 'exclude' or 'include'")
         check(self.missing_images in ("error", "drop"), "missing_images", "must be 'error' or 'drop'")

@@ -28,8 +28,10 @@ import codecs
 import csv
 import io
 import json
+import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -163,13 +165,42 @@ class ImageFiles(Dataset):
         self.skipped_files: set[str] = set()
         self.skip_log_dir: Path | None = None
         self.decode_min_side = 0  # > 0: large JPEGs decode reduced, keeping this many pixels a side (read_image)
+        self.io_threads = 0  # > 1: prefetch() reads files on this many threads
+        self._prefetched: dict[int, bytes] = {}
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive a fork
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None, "_prefetched": {}}  # pickled to spawned workers
+
+    def file_bytes(self, i: int) -> bytes:
+        """Image ``i``'s file, as stored (subclasses that keep images elsewhere, e.g. in shards, override this)."""
+        return Path(self.paths[i]).read_bytes()
+
+    def prefetch(self, indices: Sequence[int]) -> None:
+        """Read the files of ``indices`` on ``io_threads`` threads, for the next :meth:`load_image`
+        calls to decode: on network storage a file's latency then overlaps the others'. A file
+        that cannot be read is left to ``load_image``, which names it as without prefetching."""
+        if self.io_threads < 2 or len(indices) < 2:
+            return
+        pid = os.getpid()
+        if self._pool is None or self._pool[0] != pid:
+            self._pool = (pid, ThreadPoolExecutor(self.io_threads, thread_name_prefix="hvpmtl-read"))
+        read = zip(indices, self._pool[1].map(self._try_file_bytes, indices), strict=True)
+        self._prefetched = {i: data for i, data in read if data is not None}  # the previous batch's leftovers go
+
+    def _try_file_bytes(self, i: int) -> bytes | None:
+        try:
+            return self.file_bytes(i)
+        except OSError:
+            return None
+
     def load_image(self, i: int) -> torch.Tensor:
-        """Image ``i`` as uint8 RGB (subclasses that keep images elsewhere, e.g. in shards, override this)."""
-        return read_image(self.paths[i], self.max_pixels, min_side=self.decode_min_side)
+        """Image ``i`` as uint8 RGB (from :meth:`prefetch`'s bytes when it read them)."""
+        data = self._prefetched.pop(i, None)
+        return read_image(self.paths[i], self.max_pixels, data=data, min_side=self.decode_min_side)
 
     def _where(self, i: int) -> str:
         return f"{self.sources[i]}: " if self.sources else ""

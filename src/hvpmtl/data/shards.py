@@ -245,8 +245,12 @@ class ShardImages(ImageFiles):
             f.seek(offset)
             return f.read(size)
 
+    def file_bytes(self, i: int) -> bytes:
+        return self.raw_bytes(i)
+
     def load_image(self, i: int) -> torch.Tensor:
-        return read_image(self.paths[i], self.max_pixels, data=self.raw_bytes(i), min_side=self.decode_min_side)
+        data = self._prefetched.pop(i, None) or self.raw_bytes(i)
+        return read_image(self.paths[i], self.max_pixels, data=data, min_side=self.decode_min_side)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def _source_bytes(dataset, i: int) -> tuple[bytes, str] | None:
     """The source file (or shard member) of sample ``i`` when it is a JPEG or PNG file, as stored."""
     if not isinstance(dataset, ImageFiles):
         return None
-    data = dataset.raw_bytes(i) if isinstance(dataset, ShardImages) else Path(dataset.paths[i]).read_bytes()
+    data = dataset.file_bytes(i)
     if data[:3] == b"\xff\xd8\xff":
         return data, "jpg"
     if data[:8] == b"\x89PNG\r\n\x1a\n":

@@ -186,6 +186,15 @@ class PretrainViews(Dataset):
             v0, v1, mask = self.transform(sample["image"])
         return {"views": (v0, v1), "mask": mask, "labels": sample["labels"].float(), "index": index}
 
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[dict]:
+        """A batch (what a ``DataLoader`` worker asks for): the base's ``prefetch`` reads the
+        batch's files concurrently first (``data.io_threads``), then each sample is made as
+        :meth:`__getitem__` makes it, in order, so the batch is the same either way."""
+        prefetch = getattr(self.base, "prefetch", None)
+        if prefetch is not None:
+            prefetch([_parse_key(key)[0] for key in keys])
+        return [self[key] for key in keys]
+
 
 def collate_pretrain(samples: Sequence[dict]) -> dict:
     """Stack :class:`PretrainViews` samples into the batch ``HVPMTL.forward`` takes:

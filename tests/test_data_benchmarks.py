@@ -1,4 +1,4 @@
-"""benchmarks/decode.py runs, and its fidelity measure reads what it should."""
+"""benchmarks/decode.py and io_latency.py run; decode.py's fidelity measure reads what it should."""
 
 from __future__ import annotations
 
@@ -33,3 +33,13 @@ def test_benchmark_writes_its_table(tmp_path):
     (row,) = csv.DictReader(out.open())
     assert row["decoded"] == "400x350" and row["min_side"] == "316"  # 1/2 keeps both sides >= 316
     assert float(row["psnr_db"]) > 20 and "| 800x700 | 400x350 |" in done.stdout
+
+
+def test_io_latency_benchmark_shows_overlapped_reads(tmp_path):
+    out = tmp_path / "io.csv"
+    cmd = [sys.executable, str(BENCH / "io_latency.py"), "--latency-ms", "50", "--io-threads", "0", "8", "--batch", "8",
+           "--batches", "2", "--out", str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rates = {int(r["io_threads"]): float(r["img_per_s"]) for r in csv.DictReader(out.open())}
+    assert rates[0] < 20 and rates[8] > rates[0]  # 50 ms a file caps one file at a time at 20 img/s
