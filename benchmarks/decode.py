@@ -17,7 +17,6 @@ For JPEGs of each ``--sizes`` (generated like ``input_pipeline.py``'s), in one p
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import statistics
 import tempfile
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from input_pipeline import write_jpeg_manifest
+from input_pipeline import write_jpeg_manifest, write_rows
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -113,12 +112,7 @@ def main() -> None:
         print(f"| {r['size']} | {r['decoded']} | {r['decode_ms_full']} / {r['decode_ms_reduced']} | "
               f"{r['sample_ms_full']} / {r['sample_ms_reduced']} | {r['sample_speedup']}x | {r['mad']} / "
               f"{r['psnr_db']} dB | {r['mad_resized']} / {r['psnr_db_resized']} dB |")  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {args.out}")
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,16 @@ def write_jpeg_manifest(folder: Path, count: int, size: tuple[int, int], files: 
     return manifest
 
 
+def write_rows(rows: list[dict], path: str) -> None:
+    """``rows`` as a CSV at ``path`` (its folder made), and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
 def shard_streams(workers: int, batch: int) -> int:
     """The fewest streams that give every worker one (``>= workers``) and divide ``batch``."""
     return next(k for k in range(max(workers, 1), batch + 1) if batch % k == 0)
@@ -210,11 +220,7 @@ def main() -> None:
                    "end_to_end_vs_model": round(r["end_to_end"] / model, 3)}  # fmt: skip
             rows.append(row)
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(rows, args.out)
     print("\n| data | augment_on | workers | loader img/s | end-to-end img/s | model img/s | end-to-end / model |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import csv
 import io
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from input_pipeline import write_jpeg_manifest
+from input_pipeline import write_jpeg_manifest, write_rows
 
 import hvpmtl
 from hvpmtl.data import build_pretrain_dataset
@@ -80,12 +79,7 @@ def main() -> None:
     for latency in args.latency_ms:
         rates = [r["img_per_s"] for r in rows if r["latency_ms"] == latency]
         print(f"| {latency:g} ms | " + " | ".join(f"{r:,.0f}" for r in rates) + " |")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {args.out}")
+    write_rows(rows, args.out)
 
 
 if __name__ == "__main__":
