@@ -1,6 +1,6 @@
 """``train.compile=model``: the whole forward compiled, specialised on the objectives' phases only.
 
-Dynamo's ``eager`` and ``aot_eager`` backends trace exactly what inductor would compile (guards,
+Dynamo's ``eager`` and ``aot_eager`` backends capture the graphs inductor would be given (guards,
 recompiles, graph breaks, AOT's backward) without generating code, so these tests run in seconds.
 """
 
