@@ -137,6 +137,19 @@ def test_finetune_under_torchrun(tiny_run, tmp_path):
     assert "mAP" in record["metrics"] and record["train_images"] == 64
 
 
+def test_finetune_again_resumes_and_overwrite_replaces(tiny_run, tmp_path, capsys):
+    args = ["finetune", str(tiny_run), "data.train_size=32", "data.val_size=16", "data.batch_size=16",
+            "data.num_workers=0", "train.epochs=1", "train.progress=false",
+            f"train.output_dir={tmp_path / 'ft'}"]  # fmt: skip
+    assert run(capsys, *args)[0] == 0
+    rc, out, _ = run(capsys, *args)  # the same command: the finished run is resumed, nothing retrained
+    assert rc == 0 and "resumed finetune from" in out
+    rc, out, _ = run(capsys, *args, "--overwrite")
+    assert rc == 0 and "removed the previous run's" in out and "resumed" not in out
+    starts = (tmp_path / "ft" / "environment.jsonl").read_text().splitlines()
+    assert len(starts) == 1 and '"start_step": 0' in starts[0]  # a new run, not a third start of the old one
+
+
 @pytest.mark.parametrize("fmt, ann", [("coco", "annotations/instances_val.json"), ("ade20k", "annotations/validation")])
 def test_data_export_writes_the_layout_detect_and_segment_read(tmp_path, capsys, fmt, ann):
     args = ["data", "export", "--format", fmt, "--out", str(tmp_path), "--img-size", "32",

@@ -50,6 +50,8 @@ def _prepare(command: str, args: argparse.Namespace):
     from hvpmtl.eval.weights import resolve_weights
 
     args.source, args.overrides = split_source(args.args)
+    if getattr(args, "overwrite", False):  # a new run in place of the one there (not resumed)
+        args.overrides += ["train.overwrite=true", "train.resume=''"]
 
     weights = resolve_weights(args.source, args.teacher, args.random_init, args.pretrain_config)
     folder = preset_dir(command)
@@ -170,6 +172,9 @@ def add_parsers(sub) -> None:
                        help="evaluate the EMA teacher's backbone (or give its teacher_backbone.safetensors)")
         p.add_argument("--random-init", action="store_true", help="the same backbone at its initialisation")
         p.add_argument("--pretrain-config", help="pre-training preset of --random-init without SOURCE")
+        if command in ("finetune", "detect", "segment"):
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace an earlier run in the output folder instead of resuming it")  # fmt: skip
         p.set_defaults(func=cmd_downstream)
     p = sub.add_parser("mlc-head", help="score the pre-trained MLC head itself (mAP, CP/CR/CF1, OP/OR/OF1)")
     p.add_argument(
