@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +50,15 @@ def make_batch(cfg: hvpmtl.Config, batch_size: int = 4, seed: int = 0) -> dict:
 @pytest.fixture
 def tiny_cfg() -> hvpmtl.Config:
     return tiny_config()
+
+
+@contextmanager
+def held_by_another_run(run_dir: Path, pid: int = 4242) -> Iterator[None]:
+    """``run_dir``'s lock held, as another run holding it under ``pid`` would (engine/run_dir.py)."""
+    from hvpmtl.engine.run_dir import LOCK_NAME
+
+    with open(run_dir / LOCK_NAME, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write(f"{pid}\n")
+        other.flush()
+        yield

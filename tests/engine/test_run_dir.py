@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from conftest import held_by_another_run
 from hvpmtl.engine import run_dir as rd
 from hvpmtl.engine.faults import inject
 from hvpmtl.engine.metrics import read_metrics
@@ -27,10 +28,7 @@ def _snapshot(folder) -> dict:
 def test_folder_in_use_by_another_run_is_refused_at_once(run_cli, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    with open(out / rd.LOCK_NAME, "a+") as other:  # another run holds the lock
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        other.write("4242\n")
-        other.flush()
+    with held_by_another_run(out):  # pid 4242
         rc, _, err = run_cli("pretrain", *TINY, DEPTH1, "train.max_steps=1", f"train.output_dir={out}")
         assert rc == 2
         assert err.strip() == f"error: train.output_dir={out} is in use by another run (pid 4242)"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from conftest import held_by_another_run
 from hvpmtl.config import Config, load_config
 from hvpmtl.engine import run_dir as rd
 from hvpmtl.engine.checkpoint import list_checkpoints
@@ -91,10 +92,7 @@ def test_previous_run_is_refused_without_resume_and_replaced_with_overwrite(tmp_
 def test_folder_in_use_is_refused_and_released_after_the_run(tmp_path):
     out = tmp_path / "toy"
     out.mkdir()
-    with open(out / rd.LOCK_NAME, "a+") as other:  # another run holds the lock
-        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        other.write("4242\n")
-        other.flush()
+    with held_by_another_run(out):  # pid 4242
         with pytest.raises(ValueError, match=r"in use by another run \(pid 4242\)"):
             _train(out)
         assert [p.name for p in out.iterdir()] == [rd.LOCK_NAME]  # nothing written
