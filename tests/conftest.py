@@ -62,3 +62,21 @@ def held_by_another_run(run_dir: Path, pid: int = 4242) -> Iterator[None]:
         other.write(f"{pid}\n")
         other.flush()
         yield
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """Exit status and stderr of ``hvpmtl ARGV`` run in this process."""
+    from hvpmtl.cli import main
+
+    status = main(list(argv))
+    return status, capsys.readouterr().err
+
+
+def assert_one_line_error(status: int, err: str, *expected: str) -> None:
+    """A usage error: exit 2 and one ``error: ...`` line holding each of ``expected``, no traceback."""
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], lines[0]

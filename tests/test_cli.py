@@ -135,3 +135,18 @@ def test_demo_runs_end_to_end_on_a_tiny_model(capsys, tmp_path):
     for row in ("random init, mean of feature map", "HVP-MTL, mean of feature map", "its own MLC head"):
         assert row in out
     assert (tmp_path / "demo" / "backbone.safetensors").is_file()
+
+
+def test_pretrain_and_config_take_overrides_on_both_sides_of_an_option(capsys, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("hvpmtl.engine.loop.pretrain", lambda cfg, resume=None: seen.update(cfg=cfg, resume=resume))
+    ckpt = str(tmp_path / "step_2.pt")
+    rc, _, err = run(capsys, "pretrain", "-c", "cpu-tiny", "train.max_steps=1", "--resume", ckpt, "optim.lr=2e-4")
+    assert rc == 0, err
+    assert seen["resume"] == ckpt and seen["cfg"].train.max_steps == 1 and seen["cfg"].optim.lr == 2e-4
+    rc, out, _ = run(capsys, "config", "optim.lr=3e-4", "-c", "cpu-swin-tiny", "tasks.mim.weight=0")
+    data = yaml.safe_load(out)
+    assert rc == 0 and data["optim"]["lr"] == 3e-4 and data["tasks"]["mim"]["weight"] == 0
+    with pytest.raises(SystemExit):  # an unknown option is still refused
+        main(["pretrain", "-c", "cpu-tiny", "train.max_steps=1", "--resume", ckpt, "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err

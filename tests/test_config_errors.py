@@ -3,28 +3,14 @@ before any run folder exists."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from hvpmtl.cli import main
+from conftest import assert_one_line_error, run_cli
 from hvpmtl.config import ConfigError, load_config
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str]:
-    """Exit status and stderr of ``hvpmtl ARGV`` run in this process."""
-    status = main(list(argv))
-    return status, capsys.readouterr().err
-
-
-def assert_one_line_error(status: int, err: str, *expected: str) -> None:
-    assert status == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("override,expected", [
@@ -133,3 +119,46 @@ def test_yaml_python_tags_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="evil.yaml"):
         load_config(str(evil))
     assert not marker.exists()
+
+
+def alias_bomb(levels: int) -> str:
+    """``mlp_ratio`` as nested YAML aliases: ``levels`` lists of 9 references, 9**levels strings once expanded."""
+    text, prev = 'backbone:\n  kwargs:\n    depth: 1\n    mlp_ratio: [&a ["x","x","x","x","x","x","x","x","x"]', "a"
+    for name in "bcdefghijk"[: levels - 1]:
+        text += f", &{name} [" + ",".join([f"*{prev}"] * 9) + "]"
+        prev = name
+    return text + "]\n"
+
+
+@pytest.mark.parametrize("levels", [6, 9])  # 9: the full bomb, 387 million strings (7.5 GB, 54 s before)
+def test_yaml_aliases_are_refused_at_once(capsys, tmp_path, levels):
+    bomb = write(tmp_path / "bomb.yaml", alias_bomb(levels))
+    start = time.monotonic()
+    status, err = run_cli(capsys, "config", "-c", str(bomb))
+    assert time.monotonic() - start < 10
+    assert_one_line_error(status, err, f"{bomb}:4: YAML alias *a: aliases are not allowed in config files")
+    with pytest.raises(ConfigError, match=r"backbone.kwargs: YAML alias \*a"):
+        load_config(None, ["backbone.kwargs=[&a [1], *a]"])
+
+
+@pytest.mark.parametrize("override", [
+    "backbone.kwargs.mlp_ratio=[" + ",".join(["x"] * 50_000) + "]",  # a type error echoes the value
+    "optim.lr=" + "f" * 50_000,
+    "train.precision=" + "p" * 50_000,  # a rule of a block's validate() echoes it too
+    "data.dataset=" + "d" * 50_000,
+    "backbone.kwargs.global_pool=" + "g" * 50_000,
+    "backbone.kwargs.act_layer=" + "a" * 50_000,  # so does a model timm cannot build
+])  # fmt: skip
+def test_echoed_values_are_cut_short(capsys, override):
+    status, err = run_cli(capsys, "config", "-c", "cpu-tiny", override)
+    assert_one_line_error(status, err, override.split("=")[0].split(".")[-1])
+    assert len(err) < 600, err[:300]
+
+
+def test_swav_queue_too_large_for_memory_is_refused_by_its_size(capsys):
+    status, err = run_cli(capsys, "config", "-c", "cpu-tiny", "tasks.swav.queue_length=100000000000")
+    assert_one_line_error(status, err, "tasks.swav.queue_length=100000000000: the queue and its prototype scores",
+                          "102.4 TB", "at most 4.0 GB")  # fmt: skip  (cpu-tiny: out_dim + num_prototypes = 128)
+    with pytest.raises(ConfigError, match=r"tasks.swav.queue_length=200000: .* 5.0 GB"):  # 10^8 asked for 51 GB
+        load_config(None, ["tasks.swav.queue_length=200000"])  # 2 x 200000 x (128 + 3000) x 4 bytes
+    assert load_config(None, ["tasks.swav.queue_length=3840"]).tasks.swav.queue_length == 3840  # SwAV's own: 96 MB

@@ -218,13 +218,21 @@ def test_summed_losses_follow_the_mlc_reduction():
     assert hvpmtl.build(tiny_config("tasks.mlc.reduction=global_sum")).summed_losses == {"loss_mlc"}
     assert hvpmtl.build(tiny_config()).summed_losses == set()
     assert hvpmtl.build(tiny_config("tasks.mlc.reduction=mean")).summed_losses == set()
+    assert hvpmtl.build(tiny_config("tasks.mlc.reduction=per_image")).summed_losses == set()
     assert hvpmtl.build(tiny_config("tasks.mlc.weight=0")).summed_losses == set()
 
 
-def test_mlc_weight_means_the_same_at_any_batch_size():
-    # per_image (default): 16 x the per-image class sum -- the paper's per-GPU sum over 16 images,
-    # averaged by DDP; doubling the batch with the same images leaves loss and gradient unchanged
-    cfg = tiny_config("tasks.swav.weight=0", "tasks.mim.weight=0", "tasks.distill.weight=0", "tasks.mlc.dropout=0")
+@pytest.mark.parametrize("reduction, by_hand", [
+    # query2label (default): Query2Label's mean over images and classes, times 1000
+    ("query2label", lambda loss_sum, B, C: 1000.0 * loss_sum / B / C),
+    # per_image: 16 x the per-image class sum -- ASL's per-GPU sum at the paper's 16 images per GPU
+    ("per_image", lambda loss_sum, B, C: 16.0 * loss_sum / B),
+])  # fmt: skip
+def test_mlc_weight_means_the_same_at_any_batch_size(reduction, by_hand):
+    # each a per-process mean, averaged by DDP: doubling the batch with the same images leaves
+    # loss and gradient unchanged
+    cfg = tiny_config("tasks.swav.weight=0", "tasks.mim.weight=0", "tasks.distill.weight=0", "tasks.mlc.dropout=0",
+                      f"tasks.mlc.reduction={reduction}")  # fmt: skip
     model = hvpmtl.build(cfg).eval()
     batch = make_batch(cfg, batch_size=3)
     double = {**batch, "views": [torch.cat([v, v]) for v in batch["views"]], "labels": batch["labels"].repeat(2, 1)}
@@ -235,8 +243,8 @@ def test_mlc_weight_means_the_same_at_any_batch_size():
         out["loss"].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.backbone.parameters() if p.grad is not None]))
         logits = model.mlc(model.backbone(b["views"][1])[0])[0]
-        per_image = weighted_asymmetric_loss(logits, b["labels"], reduction="sum") / len(logits)
-        torch.testing.assert_close(out["loss_mlc"], 16.0 * per_image)
+        loss_sum = weighted_asymmetric_loss(logits, b["labels"], reduction="sum")
+        torch.testing.assert_close(out["loss_mlc"], by_hand(loss_sum, *logits.shape))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 

@@ -33,8 +33,8 @@ def requirements() -> dict[str, Requirement]:
 @pytest.mark.parametrize(
     "name, inside, outside",
     [
-        ("torch", ["2.14.1", "2.11.0", "2.6.0"], ["2.5.1", "2.15.0"]),
-        ("torchvision", ["0.29.1", "0.26.0", "0.21.0"], ["0.20.1", "0.30.0"]),
+        ("torch", ["2.14.1", "2.11.0"], ["2.6.0", "2.10.0", "2.15.0"]),
+        ("torchvision", ["0.29.1", "0.26.0"], ["0.21.0", "0.25.0", "0.30.0"]),
         ("timm", ["1.0.15", version("timm")], ["1.0.14", "2.0.0"]),
     ],
 )
@@ -50,6 +50,25 @@ def test_dependency_ranges_hold_the_tested_releases(name, inside, outside):
 def test_ci_installs_the_exact_tested_releases():
     ci = (ROOT / ".ci" / "run").read_text()
     assert '"torch==2.14.1"' in ci and '"torchvision==0.29.1"' in ci
+
+
+def readme_test_command() -> str:
+    """The command line of the README's second code block (install and run the tests)."""
+    blocks = (ROOT / "README.md").read_text().split("```bash\n")[1:3]
+    lines = [ln for ln in blocks[1].split("```")[0].splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
+    """CI must see what a new user sees: the README's own command, in an environment it makes."""
+    command = readme_test_command()
+    assert "pytest" in command and '-e ".[test]"' in command
+    ci_lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert command in ci_lines, command
+    venv_at = next(i for i, ln in enumerate(ci_lines) if ln.startswith("python3 -m venv "))
+    activate_at = next(i for i, ln in enumerate(ci_lines) if ln.startswith("source ") and "/bin/activate" in ln)
+    assert venv_at < activate_at < ci_lines.index(command)
 
 
 def test_tracker_extras_are_declared_and_not_required():

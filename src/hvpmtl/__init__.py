@@ -7,7 +7,7 @@ Researchers with their own loop::
     cfg = hvpmtl.load_config("cpu-tiny")
     model = hvpmtl.build(cfg, num_classes=10)
     out = model(batch)            # {"loss", "loss_mlc", "loss_swav", "loss_mim", "loss_distill", ...}
-    out["loss"].backward(); optimizer.step(); optimizer.zero_grad()
+    out["loss"].backward(); model.before_step(); optimizer.step(); optimizer.zero_grad()
     model.after_step()            # EMA teacher, prototype re-normalisation; after every optimiser step
 """
 

@@ -1,6 +1,7 @@
 """Typed configuration: dataclasses, YAML presets and ``key=value`` overrides.
 
-A preset holds only its differences from the dataclass defaults (which are the paper's values).
+A preset holds only its differences from the dataclass defaults (which are the paper's values,
+except the global batch: ``data.batch_size`` defaults to 64, the ``paper-*`` presets set 1024).
 Every key is checked against the dataclass tree: an unknown key, a value of the wrong type or a
 non-finite number fails at once with the dotted key's name, e.g. ``optim.lr: expected float, got
 'fast'``. The backbone is built on PyTorch's meta device while the config loads, so a timm
@@ -21,16 +22,32 @@ from typing import Any, Union
 import yaml
 
 from hvpmtl.backbones import BackboneConfig
-from hvpmtl.data.config import DataConfig
+from hvpmtl.data.config import DataConfig, check_source_keys
 from hvpmtl.engine.config import DistConfig, OptimConfig, TrainConfig
 from hvpmtl.eval.config import MonitorConfig
 from hvpmtl.objectives import RoutingConfig, TasksConfig, objective_types  # noqa: F401  (RoutingConfig: re-export)
+from hvpmtl.reprs import short_repr
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
+class _AliasError(yaml.YAMLError):
+    """A YAML alias (``*name``) in a config: refused, because a few nested aliases stand for
+    billions of values once a check or an error message walks them."""
+
+    def __init__(self, anchor: str, line: int):
+        super().__init__(f"YAML alias *{anchor}: aliases are not allowed in config files (write the value out)")
+        self.line = line
+
+
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: ``1e-4`` is a number (YAML 1.1 reads it as a string)."""
+    """YAML 1.2 floats: ``1e-4`` is a number (YAML 1.1 reads it as a string). Aliases are refused."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasError(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -94,7 +111,7 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{key}: expected a finite number, got {short_repr(value)}")
         errors = []
         for arg in args:
             if arg is type(None):
@@ -103,16 +120,16 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
                 return coerce_value(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {short_repr(value)}")
         return from_dict(tp, value, prefix=key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {short_repr(value)}")
         args = typing.get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(args) != len(value):
@@ -124,30 +141,30 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
         return origin(items)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {short_repr(value)}")
         return dict(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
+        raise ConfigError(f"{key}: expected bool (true/false), got {short_repr(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected int, got {value!r}")
+        raise ConfigError(f"{key}: expected int, got {short_repr(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+                raise ConfigError(f"{key}: expected a finite number, got {short_repr(value)}")
             return float(value)
-        raise ConfigError(f"{key}: expected float, got {value!r}")
+        raise ConfigError(f"{key}: expected float, got {short_repr(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected str, got {value!r}")
+        raise ConfigError(f"{key}: expected str, got {short_repr(value)}")
     if typing.get_origin(tp) is typing.Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: expected one of {typing.get_args(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {typing.get_args(tp)}, got {short_repr(value)}")
     return value
 
 
@@ -218,8 +235,10 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
+    except _AliasError as err:
+        raise ConfigError(f"{key}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot read value {raw!r}: {err}") from err
+        raise ConfigError(f"{key}: cannot read value {short_repr(raw)}: {err}") from err
     node: dict = {}
     root = node
     parts = key.split(".")
@@ -245,6 +264,8 @@ def _read_yaml(path: Path, preset_dir: Path = PRESET_DIR, chain: tuple[Path, ...
         raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
     try:
         data = yaml.load(text, Loader=_Loader) or {}
+    except _AliasError as err:
+        raise ConfigError(f"{path}:{err.line}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -252,7 +273,7 @@ def _read_yaml(path: Path, preset_dir: Path = PRESET_DIR, chain: tuple[Path, ...
     base = data.pop("base", None)
     if base is not None:
         if not isinstance(base, str) or not base.strip():
-            raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {base!r}")
+            raise ConfigError(f"{path}: base must be a preset name or a YAML path, got {short_repr(base)}")
         base_path = _resolve(base, path.parent, preset_dir)
         if base_path.resolve() in {p.resolve() for p in chain}:
             cycle = " -> ".join(p.name for p in (*chain, base_path))
@@ -284,13 +305,24 @@ def load_config(
 ) -> Any:
     """Defaults <- ``base`` <- preset (a name under ``preset_dir`` or a YAML path) <- ``key=value``
     overrides, as dataclass ``cls`` (the pre-training ``Config`` by default; the downstream
-    commands pass their own config class and preset folder)."""
+    commands pass their own config class and preset folder). A ``data.*`` key of one data source
+    set under another ``data.dataset`` is refused (:func:`hvpmtl.data.config.check_source_keys`)."""
     data: dict = dict(base or {})
     if preset:
         data = _merge(data, _read_yaml(_resolve(preset, None, preset_dir), preset_dir))
+    preset_data = data.get("data") if isinstance(data.get("data"), dict) else {}
+    given: dict = {}
     for text in overrides:
-        data = _merge(data, parse_override(text))
-    return from_dict(cls, data)
+        override = parse_override(text)
+        data, given = _merge(data, override), _merge(given, override)
+    cfg = from_dict(cls, data)
+    if isinstance(getattr(cfg, "data", None), DataConfig):
+        try:  # here, not in DataConfig.validate: a run's saved config must load as it was written
+            given_data = given.get("data") if isinstance(given.get("data"), dict) else {}
+            cfg.data = check_source_keys(cfg.data, set(given_data), preset_data.get("dataset", DataConfig.dataset))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    return cfg
 
 
 def explicit_keys(

@@ -1,4 +1,4 @@
-"""HVPMTL: one backbone, four objectives in one step (Fig. 2 and Eq. (6) of the paper).
+"""HVPMTL: one backbone, four objectives in one step (Fig. 2 and Eq. (7) of the paper).
 
 ``L = a1 (L+ + L-) + a2 L_cl + a3 L_mim + a4 L_mom``. The objectives are plug-ins
 (:mod:`hvpmtl.objectives.base`): the model builds every registered objective whose weight is > 0
@@ -95,6 +95,13 @@ class HVPMTL(nn.Module):
         another's use (MLC's read-out when only MD uses the decoder); DDP then needs
         ``find_unused_parameters``."""
         return any(n not in self.weights for n in self.objectives)
+
+    def before_step(self) -> None:
+        """The one call between the backward pass(es) and the optimiser step: each objective's
+        gradient edits (SwAV's frozen prototypes lose their all-zero gradient, so AdamW neither
+        decays them nor counts a step for them)."""
+        for objective in self.objectives.values():
+            objective.before_step(self)
 
     @torch.no_grad()
     def after_step(self) -> None:

@@ -94,7 +94,7 @@ def test_weights_of_another_architecture_are_named(tmp_path):
     [
         (None, r"backbone\.pretrained_file: no such file"),
         (lambda p: torch.save({"w": torch.zeros(1), "f": shutil.copy}, p), r"unsafe to load"),
-        (lambda p: p.write_bytes(b"\x00" * 10), r"unreadable"),
+        (lambda p: p.write_bytes(b"\x00" * 10), r"not a weights file.*nothing was loaded"),
         (lambda p: torch.save({"epoch": 3}, p), r"holds no tensors"),
     ],
 )
@@ -177,7 +177,7 @@ def _previous_run(tmp_path):
 
 def test_teacher_backbone_is_exported_and_evaluable(tmp_path):
     _, model, paths = _previous_run(tmp_path)
-    assert set(paths) == {"model", "backbone", "teacher_backbone"}
+    assert set(paths) == {"model", "backbone", "teacher_backbone", "timm", "timm_teacher"}
     assert_loaded(model.teacher["backbone"].model, load_file(paths["teacher_backbone"]))
     from safetensors import safe_open
 
@@ -227,3 +227,32 @@ def test_resume_continues_without_the_start_weights(tmp_path):
     shutil.rmtree(tmp_path / "prev")  # a resumed run reads its checkpoint, never the start weights
     assert main(["pretrain", *small, "train.resume=auto"]) == 0
     assert (tmp_path / "run" / "teacher_backbone.safetensors").is_file()
+
+
+class _Runs:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: torch.save({"model": _Runs()}, p),  # a pickled call among the weights
+        lambda p: p.write_bytes(__import__("pickle").dumps({"w": 1}, protocol=4)),  # a raw pickle, no zip
+    ],
+    ids=["pickled-call", "raw-pickle"],
+)
+def test_pickled_objects_are_refused_as_unsafe_without_torch_advice(tmp_path, write, recwarn):
+    path = tmp_path / "evil.pth"
+    write(path)
+    cfg = vit()
+    cfg.pretrained_file = str(path)
+    with pytest.raises(ConfigError) as err:
+        load_start_weights(build_backbone(cfg), cfg)
+    message = str(err.value)
+    assert message.startswith(f"backbone.pretrained_file: {path}: ") and "unsafe to load" in message
+    assert "nothing was loaded" in message and "\n" not in message
+    assert "weights_only" not in message and "Weights only" not in message and "PyTorch 2.6" not in message
+    assert not [w for w in recwarn if "pickle" in str(w.message)]  # torch's "please file an issue" warning

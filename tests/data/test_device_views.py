@@ -134,6 +134,25 @@ def test_device_views_match_the_cpu_path(both_paths):
         assert levels.max() <= 1.0 + 1e-3 and (levels > 1e-3).float().mean() <= 1e-3
 
 
+def test_rand_augment_op_prob_on_both_paths():
+    # timm's per-op probability: a skipped op is drawn where the CPU path draws it and kept as Identity
+    half = [*TINY_DATA, "data.rand_augment_op_prob=0.5"]
+    cpu = build_pretrain_dataset(hvpmtl.load_config("cpu-tiny", half))
+    device = build_pretrain_dataset(hvpmtl.load_config("cpu-tiny", [*half, "data.augment_on=device"]))
+    keys = [(i, 3) for i in range(16)]
+    expected = collate_pretrain([cpu[k] for k in keys])
+    recipes = collate_pretrain([device[k] for k in keys])
+    identity = ops.RAND_AUGMENT_OPS.index("Identity")
+    skipped = (recipes["views"][0]["ra_ops"] == identity).float().mean()
+    assert 0.3 < skipped < 0.8  # about half the ops (plus Identity's own 1/14)
+    out = DeviceViews(device.transform)(recipes, "cpu")
+    assert torch.equal(out["mask"], expected["mask"])
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for got, want in zip(out["views"], expected["views"]):
+        levels = ((got - want) * std * 255).abs()
+        assert levels.max() <= 1.0 + 1e-3 and (levels > 1e-3).float().mean() <= 1e-3
+
+
 def test_recipes_hold_every_step(both_paths):
     _, device = both_paths
     r0, r1, mask = device.transform(device.base[0]["image"])

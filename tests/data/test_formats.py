@@ -4,17 +4,20 @@ test_formats_convert.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from format_fixtures import (
     TENCENT_DICTIONARY,
+    _image,
     _labels,
     coco_layout,
     oi_layout,
     tencent_layout,
     voc_layout,
+    voc_xml,
 )
 
 import hvpmtl
@@ -239,3 +242,58 @@ def test_tencent_bad_dictionary_line(tmp_path: Path):
 
 # ---------------------------------------------------------------------------------------------
 # config keys, convert, pre-training
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile or broken annotation files
+
+
+@pytest.mark.parametrize("bbox", [[float("nan"), 5, 20, 20], [0, 0, float("inf"), 1], [0, float("-inf"), 1, 1]])
+def test_coco_non_finite_bbox_names_the_element(tmp_path: Path, bbox: list):
+    annotation = {"id": 9, "image_id": 1, "category_id": 1, "bbox": bbox}
+    with pytest.raises(ValueError, match=r"instances_train\.json: annotations\[0\] \(id 9\): bbox must be .*finite"):
+        CocoImages(coco_layout(tmp_path, [annotation]))
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-Infinity"])
+def test_voc_non_finite_corner_names_the_element(tmp_path: Path, text: str):
+    image_set = voc_layout(tmp_path)
+    voc_xml(image_set.parents[2] / "Annotations/000007.xml", [("car", 0, (1, 1, text, 4))])
+    with pytest.raises(ValueError, match=rf"000007\.xml: <object> 1 \(car\): <xmax> is not a finite number: '{text}'"):
+        VocImages(image_set)
+
+
+def test_coco_json_nested_too_deeply_is_one_line(tmp_path: Path):
+    path = coco_layout(tmp_path)
+    path.write_text('{"images":' + "[" * 100_000 + "]" * 100_000 + ',"annotations":[],"categories":[]}')
+    with pytest.raises(ValueError, match=r"instances_train\.json: not valid JSON \(nested too deeply\)$"):
+        CocoImages(path)
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "sub/../../outside.jpg", "ABSOLUTE"])
+def test_coco_file_name_must_stay_in_the_image_folder(tmp_path: Path, name: str):
+    path = coco_layout(tmp_path)
+    outside = _image(tmp_path / "outside.jpg")
+    name = str(outside) if name == "ABSOLUTE" else name
+    data = json.loads(path.read_text())
+    data["images"][1]["file_name"] = name
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"instances_train\.json: images\[1\] \(id 2\): file_name .* inside "):
+        CocoImages(path)
+    data["images"][1]["file_name"] = "sub/../002.jpg"  # a '..' that stays inside is refused as well
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"images\[1\] \(id 2\): file_name 'sub/../002.jpg'"):
+        CocoImages(path)
+
+
+@pytest.mark.parametrize("name", ["../../outside.jpg", "ABSOLUTE"])
+def test_voc_filename_must_stay_in_jpegimages(tmp_path: Path, name: str):
+    image_set = voc_layout(tmp_path)
+    voc = image_set.parents[2]
+    outside = _image(tmp_path / "outside.jpg")
+    (voc / "JPEGImages/000007.jpg").unlink()  # <filename> is used only when <id>.jpg is absent
+    voc_xml(voc / "Annotations/000007.xml", [("car", 0, (2, 3, 4, 5))], str(outside) if name == "ABSOLUTE" else name)
+    with pytest.raises(ValueError, match=r"000007\.xml: <filename> .* inside .*JPEGImages"):
+        VocImages(image_set)
+    voc_xml(voc / "Annotations/000007.xml", [("car", 0, (2, 3, 4, 5))], "000005.jpg")  # another image inside: fine
+    assert len(VocImages(image_set)) == 3

@@ -139,3 +139,18 @@ def test_cli(manifest, tmp_path, capsys):
     assert main([*args[:2], "--strict", *args[2:]]) == 1
     assert main([*args[:2], "--limit", "-1", *args[2:]]) == 2
     assert "--limit=-1" in capsys.readouterr().err
+
+
+def test_report_md_escapes_names_in_table_cells(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    tags = ["<script>alert(1)</script>", "x\ny", "a|b", "R&D", "# heading"]
+    m = tmp_path / "w.jsonl"
+    m.write_text(json.dumps({"path": "a.png", "labels": tags}) + "\n")
+    out = tmp_path / "report"
+    inspect_dataset(DataConfig(dataset="manifest", manifest=str(m)), 32, out=out, top=5, progress=False)
+    md = (out / "report.md").read_text()
+    assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    assert "R&amp;D" in md and "a\\|b" in md and "x<br>y" in md
+    for line in md.splitlines():  # every table row is whole: no cell broke it
+        assert not line.startswith("|") or line.endswith("|"), line
+    assert not any(line.startswith("y") for line in md.splitlines())

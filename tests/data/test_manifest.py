@@ -184,3 +184,18 @@ def test_manifest_without_tags_says_so(images: Path, tmp_path: Path):
         build_pretrain_dataset(hvpmtl.load_config(None, base))
     untagged = hvpmtl.load_config(None, [*base, "tasks.mlc.weight=0", "tasks.distill.weight=0"])
     assert len(build_pretrain_dataset(untagged)) == 2  # SwAV and SimMIM need no tags
+
+
+def test_jsonl_drops_blank_tags_as_csv_does(images: Path, tmp_path: Path):
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"path": "sub/0.png", "labels": ["dog", " ", "", "\t"]}) + "\n")
+    ds = ManifestImages(m, images)
+    assert ds.classes == ["dog"] and ds[0]["labels"].tolist() == [1]
+
+
+def test_deeply_nested_jsonl_line_is_one_line_error(images: Path, tmp_path: Path):
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"path": "sub/0.png", "labels": ["a"]}\n{"path": "sub/1.png", "labels": ' + "[" * 100_000 + "}\n")
+    with pytest.raises(ValueError, match=r"m\.jsonl:2: malformed line: not valid JSON \(nested too deeply\)") as info:
+        ManifestImages(m, images)
+    assert "\n" not in str(info.value)

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from hvpmtl.engine.distributed import GlobalBatchNorm, convert_global_batchnorm
+from hvpmtl.engine.distributed import GlobalBatchNorm, convert_global_batchnorm, ddp_has_forward_sync_buffers
 from hvpmtl.engine.faults import inject
 from hvpmtl.engine.metrics import read_metrics
 
@@ -66,6 +66,48 @@ def test_global_batchnorm_matches_batchnorm_on_union():
     torch.testing.assert_close(result[0][4] + result[1][4], bn.weight.grad, atol=1e-4, rtol=1e-5)
 
 
+class _WithBuffer(nn.Module):
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("queue", torch.full((4,), float(rank + 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + self.queue[:2]
+
+
+def _ddp_buffer_worker(rank: int, port: int, legacy: bool, result: dict) -> None:
+    from hvpmtl.engine import distributed as engine_dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    if legacy:  # a torch without DDP's forward_sync_buffers keyword (< 2.13)
+        engine_dist.ddp_has_forward_sync_buffers = lambda: False
+    torch.manual_seed(rank)  # other weights and buffers on each rank before wrapping
+    env = engine_dist.DistEnv(rank=rank, world_size=2)
+    model = engine_dist.wrap_model(_WithBuffer(rank), env, sync_bn=False)
+    at_wrap = model.module.queue.clone()
+    model.module.queue.fill_(10.0 * (rank + 1))  # a forward must not broadcast it again
+    model(torch.ones(1, 3)).sum().backward()
+    result[rank] = (at_wrap, model.module.queue.clone(), model.module.lin.weight.detach().clone())
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["forward_sync_buffers", "broadcast_buffers"])
+def test_ddp_syncs_buffers_at_wrap_only(legacy):
+    """Buffers come from rank 0 when DDP wraps the model and are never broadcast in forward, with
+    or without the keyword torch 2.13 added."""
+    if not legacy and not ddp_has_forward_sync_buffers():
+        pytest.skip("this torch has no forward_sync_buffers")
+    result = mp.Manager().dict()
+    mp.spawn(_ddp_buffer_worker, args=(free_port(), legacy, result), nprocs=2, join=True)
+    for rank in (0, 1):
+        at_wrap, after_forward, weight = result[rank]
+        torch.testing.assert_close(at_wrap, torch.full((4,), 1.0))  # rank 0's buffer everywhere
+        torch.testing.assert_close(after_forward, torch.full((4,), 10.0 * (rank + 1)))  # kept local
+        torch.testing.assert_close(weight, result[0][2])  # parameters synced as always
+
+
 def test_convert_keeps_state_and_single_process_falls_back():
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
     model[1].running_mean.fill_(0.5)
@@ -81,16 +123,17 @@ def test_convert_keeps_state_and_single_process_falls_back():
 _SINGLE: dict = {}
 
 
-def _single(tmp_path_factory, accum: int = 1):
-    """The 1-process reference run (cached per accumulation setting)."""
+def _single(tmp_path_factory, accum: int = 1, reduction: str = "global_sum"):
+    """The 1-process reference run (cached per accumulation setting and MLC reduction)."""
     from hvpmtl.cli import main
 
-    if accum not in _SINGLE:
-        out = tmp_path_factory.mktemp(f"single{accum}") / "run"
-        args = [*COMMON, "train.max_steps=4", f"train.accum_steps={accum}", f"train.output_dir={out}"]
+    if (accum, reduction) not in _SINGLE:
+        out = tmp_path_factory.mktemp(f"single{accum}{reduction}") / "run"
+        args = [*COMMON, "train.max_steps=4", f"train.accum_steps={accum}", f"train.output_dir={out}",
+                f"tasks.mlc.reduction={reduction}"]  # fmt: skip
         assert main(["pretrain", *args]) == 0
-        _SINGLE[accum] = out
-    return _SINGLE[accum]
+        _SINGLE[accum, reduction] = out
+    return _SINGLE[accum, reduction]
 
 
 @pytest.fixture(scope="module")
@@ -116,17 +159,21 @@ def _compare(single, multi) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, accum", [("ddp", 1), ("fsdp", 1), ("ddp", 2), ("fsdp", 2)])
-def test_two_processes_match_one(strategy, accum, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("strategy, accum, reduction", [
+    ("ddp", 1, "global_sum"), ("fsdp", 1, "global_sum"), ("ddp", 2, "global_sum"), ("fsdp", 2, "global_sum"),
+    ("ddp", 2, "query2label"),  # a per-process mean (the default): DDP's average alone makes it global
+])  # fmt: skip
+def test_two_processes_match_one(strategy, accum, reduction, tmp_path_factory, tmp_path):
     # with accum_steps=2 the non-final micro-batch runs without gradient sync (no_sync /
     # set_requires_gradient_sync); one process with the same accumulation is the reference
     out = tmp_path / strategy
-    args = [*COMMON, "train.max_steps=4", f"train.accum_steps={accum}", f"train.output_dir={out}"]
+    args = [*COMMON, "train.max_steps=4", f"train.accum_steps={accum}", f"train.output_dir={out}",
+            f"tasks.mlc.reduction={reduction}"]  # fmt: skip
     r = torchrun(2, ["pretrain", *args, f"dist.strategy={strategy}"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert (SHARES[0] in read_metrics(out / "metrics.csv")[0]) == (strategy == "ddp")
     assert r.stdout.count("throughput") == 1  # rank 0 prints the summary, once
-    _compare(_single(tmp_path_factory, accum), out)
+    _compare(_single(tmp_path_factory, accum, reduction), out)
 
 
 @pytest.mark.slow

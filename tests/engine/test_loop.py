@@ -123,10 +123,13 @@ def test_skipped_step_leaves_weights_and_teacher_untouched(tmp_path):
     assert all(p.grad is None for p in trainer.inner.parameters())
 
 
-def test_gradient_accumulation_matches_one_big_batch(run_cli, tmp_path):
+@pytest.mark.parametrize("reduction", ["global_sum", "per_image", "query2label"])
+def test_gradient_accumulation_matches_one_big_batch(run_cli, tmp_path, reduction):
     # without SwAV (its BatchNorm and Sinkhorn see the micro-batch) and dropout, two micro-batches
-    # of 8 give the step of one batch of 16 -- including MLC's image-summed loss
-    common = [*TINY, "tasks.swav.weight=0", "tasks.mlc.dropout=0", "train.max_steps=3", "train.log_every=1"]
+    # of 8 give the step of one batch of 16 -- under each of MLC's reductions, the image-summed one
+    # (rescaled by the loop) and the per-image means
+    common = [*TINY, "tasks.swav.weight=0", "tasks.mlc.dropout=0", "train.max_steps=3", "train.log_every=1",
+              f"tasks.mlc.reduction={reduction}"]  # fmt: skip
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_cli("pretrain", *common, f"train.output_dir={a}")[0] == 0
     assert run_cli("pretrain", *common, "train.accum_steps=2", f"train.output_dir={b}")[0] == 0

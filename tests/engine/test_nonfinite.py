@@ -55,6 +55,21 @@ def test_skipped_step_restores_every_buffer(tmp_path, accum_steps):
         "swav.projection.1.running_mean"])  # fmt: skip
 
 
+def test_skipped_step_keeps_the_swav_queue_fill_count(tmp_path):
+    # 32 rows of queue, 16 images a step: a skipped second step must not count the queue full
+    # (its rows are put back with the buffers), or the next step would use 16 rows never filled
+    args = [*FAST, "tasks.swav.queue_length=32", f"train.output_dir={tmp_path}"]
+    with inject(nan_at_step=1):
+        trainer = Trainer(hvpmtl.load_config("cpu-tiny", args), DistEnv())
+    trainer.sampler.set_epoch(0)
+    batches, head = iter(trainer.loader), trainer.inner.swav
+    assert trainer._train_step(batches)[2] and head.queue_filled == 16
+    trainer.step = 1
+    assert not trainer._train_step(batches)[2]
+    assert head.queue_filled == 16 and int(head.queue_rows) == 16
+    assert not trainer.inner.objectives["swav"].phase(trainer.inner, trainer.inner.iteration)["use_queue"]
+
+
 def test_run_without_a_good_step_fails_and_exports_nothing(run_cli, tmp_path):
     out = tmp_path / "run"
     args = [*FAST, "train.max_steps=3", "train.max_bad_steps=5", f"train.output_dir={out}"]

@@ -59,3 +59,34 @@ def test_trainer_applies_schedules_per_step(tmp_path):
     groups = trainer.optimizer.param_groups
     assert all(g["lr"] == cfg.optim.min_lr for g in groups)
     assert sorted(g["weight_decay"] for g in groups) == [0.0, 0.5]
+
+
+def test_frozen_prototypes_take_no_adamw_step(tmp_path):
+    """While frozen (3 steps) the prototypes have no gradient, so AdamW neither decays them nor
+    counts steps for them; the first update after the thaw is a first AdamW step (``lr`` per
+    element), not one bias-corrected as if 3 zero gradients came before (SwAV's own loop)."""
+    from hvpmtl.engine.distributed import DistEnv
+    from hvpmtl.engine.loop import Trainer
+
+    cfg = hvpmtl.load_config("cpu-tiny", [*TINY, "data.num_workers=0", "train.max_steps=4", "optim.warmup_steps=0",
+                                          f"train.output_dir={tmp_path}"])  # fmt: skip
+    trainer = Trainer(cfg, DistEnv())
+    protos = trainer.inner.swav.prototypes.weight
+    group = next(g for g in trainer.optimizer.param_groups if any(p is protos for p in g["params"]))
+    seen = {}
+    trainer.optimizer.register_step_pre_hook(lambda *_: seen.update(before=protos.detach().clone(), grad=protos.grad))
+    trainer.optimizer.register_step_post_hook(lambda *_: seen.update(after=protos.detach().clone()))
+    trainer.sampler.set_epoch(0)
+    batches = iter(trainer.loader)
+    for step in range(cfg.tasks.swav.freeze_prototypes_iters):
+        trainer.step = step
+        assert trainer._train_step(batches)[2]
+        assert seen["grad"] is None and torch.equal(seen["after"], seen["before"]), step
+        assert protos not in trainer.optimizer.state
+    trainer.step = cfg.tasks.swav.freeze_prototypes_iters
+    assert trainer._train_step(batches)[2]
+    assert int(trainer.optimizer.state[protos]["step"]) == 1
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    g = seen["grad"]
+    first_adamw_step = seen["before"] * (1 - lr * wd) - lr * g / (g.abs() + eps)
+    torch.testing.assert_close(seen["after"], first_adamw_step, rtol=1e-5, atol=1e-7)

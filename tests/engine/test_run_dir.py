@@ -134,3 +134,28 @@ def test_auto_resume_restarts_a_run_killed_before_its_first_checkpoint(run_cli, 
     assert rc == 0, err
     assert "stopped before its first checkpoint; starting it again from step 0" in stdout
     assert [int(r["step"]) for r in read_metrics(out / "metrics.csv")] == [1, 2, 3]
+
+
+def test_changed_schedule_keys_are_named_with_their_values_on_resume():
+    """train.* keys that define the schedule (or the random streams) are warned; the ones that
+    change by design on resume (resume, overwrite, output_dir, progress, ...) are not."""
+    saved = {"train": {"epochs": 2, "max_steps": 0, "seed": 0, "accum_steps": 1, "resume": "", "overwrite": False,
+                       "output_dir": "a", "progress": True, "device": "cuda", "ckpt_every": 10},
+             "optim": {"lr": 1e-3, "warmup_epochs": 1.0}}  # fmt: skip
+    now = {"train": {"epochs": 3, "max_steps": 0, "seed": 1, "accum_steps": 1, "resume": "auto", "overwrite": True,
+                     "output_dir": "b", "progress": False, "device": "cpu", "ckpt_every": 20},
+           "optim": {"lr": 1e-3, "warmup_epochs": 2.0}}  # fmt: skip
+    changed = rd.changed_config_keys(saved, now)
+    assert changed == ["optim.warmup_epochs", "train.epochs", "train.seed"]
+    described = rd.describe_changes(saved, now, changed)
+    assert described == "optim.warmup_epochs 1.0 -> 2.0, train.epochs 2 -> 3, train.seed 0 -> 1"
+
+
+def test_pretraining_resumed_with_another_schedule_warns(run_cli, tmp_path):
+    out = tmp_path / "run"
+    common = [*TINY, DEPTH1, "train.ckpt_every=2", f"train.output_dir={out}"]
+    assert run_cli("pretrain", *common, "train.max_steps=2")[0] == 0
+    rc, stdout, err = run_cli("pretrain", *common, "train.max_steps=3", "train.seed=5", "train.resume=auto")
+    assert rc == 0, err
+    warning = [line for line in stdout.splitlines() if "with a changed config" in line]
+    assert len(warning) == 1 and warning[0].endswith("train.max_steps 2 -> 3, train.seed 0 -> 5")

@@ -144,6 +144,49 @@ def test_predictions_through_the_reader_score_100(tmp_path):
     assert all(v == pytest.approx(100.0) for v in coco_metrics(data.coco, results).values())
 
 
+def polygon_coco(root: Path, split: str, n: int = 4) -> CocoInstances:
+    """``n`` 64 x 64 images with one polygon-annotated square each (real COCO stores most masks so)."""
+    from PIL import Image
+
+    (root / split).mkdir(parents=True)
+    (root / "annotations").mkdir(exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, dtype=np.uint8)).save(root / split / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg", "width": 64, "height": 64})
+        anns.append({"id": i + 1, "image_id": i, "category_id": 1 + i % 2, "bbox": [5, 5, 20, 20], "area": 400,
+                     "iscrowd": 0, "segmentation": [[5, 5, 25, 5, 25, 25, 5, 25]]})  # fmt: skip
+    cats = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": cats})
+    )
+    return CocoInstances(root, split)
+
+
+def test_polygon_ground_truth_survives_repeated_evaluations(tmp_path):
+    """COCOeval rewrites ground-truth polygons as RLE in place: the data set must not see that
+    (the second evaluation of a run used to fail reading its own val images)."""
+    data = polygon_coco(tmp_path, "val")
+
+    class Oracle(torch.nn.Module):
+        def forward(self, images):
+            outs = []
+            for _ in images:
+                _, t = data[len(outs) + self.seen]
+                outs.append({"boxes": t["boxes"].as_subclass(torch.Tensor), "labels": t["labels"],
+                             "scores": torch.ones(len(t["labels"])), "masks": t["masks"][:, None].float()})  # fmt: skip
+            self.seen += len(images)
+            return outs
+
+    scores = []
+    for _ in range(2):
+        oracle = Oracle()
+        oracle.seen = 0
+        scores.append(coco_metrics(data.coco, predict_coco(oracle, data, DistEnv(), batch_size=4)))
+    assert scores[0] == scores[1] and scores[0]["mask_AP"] > 0
+    assert isinstance(data.coco.dataset["annotations"][0]["segmentation"], list)  # still the polygon
+
+
 # ----------------------------------------------------------------------------------------------
 # (b)-(d) the model
 
@@ -282,3 +325,21 @@ def test_two_processes_train_and_agree_on_the_metrics(tmp_path):
     m0, m1 = (json.loads((tmp_path / "run" / f"out{r}.json").read_text()) for r in (0, 1))
     assert m0 == m1 and set(m0) == set(METRICS)
     assert len(read_metrics(tmp_path / "run" / "metrics.csv")) == 3
+
+
+def test_run_from_pretrained_weights_repeats_exactly(tmp_path):
+    """The new pyramid and Mask R-CNN heads are seeded by train.seed, whatever the process's RNGs
+    were before (each fresh process starts elsewhere)."""
+    from hvpmtl.backbones import build_backbone
+
+    torch.manual_seed(7)
+    pretrained = Weights(TINY_VIT, build_backbone(TINY_VIT).model.state_dict(), "pretrained")
+    cfg = tiny_cfg("data.train_size=4", "data.val_size=2", "data.batch_size=4", "data.num_workers=0",
+                   "train.max_steps=1", "train.log_every=1")  # fmt: skip
+    losses = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        np.random.seed(100 + i)
+        run_detect(cfg, pretrained, tmp_path / f"run{i}", DistEnv())
+        losses.append(read_metrics(tmp_path / f"run{i}" / "metrics.csv")[0]["loss"])
+    assert losses[0] == losses[1]

@@ -22,10 +22,17 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out.out, out.err
 
 
+def result(folder, command: str, data: str, rest: str) -> dict:
+    """The newest ``<command>-<data>-<hash>-<rest>.json`` in ``folder`` (the hash names the data)."""
+    paths = sorted(folder.glob(f"{command}-{data}-????????-{rest}.json"), key=lambda p: p.stat().st_mtime)
+    assert paths, f"no {command}-{data}-<hash>-{rest}.json in {folder}"
+    return json.loads(paths[-1].read_text())
+
+
 def test_knn_writes_json_and_a_results_row(tiny_run, capsys):
     rc, out, _ = run(capsys, "knn", str(tiny_run), *SMALL, "knn.k=5")
     assert rc == 0, out
-    record = json.loads((tiny_run / "eval" / "knn-synthetic-student-mean.json").read_text())
+    record = result(tiny_run / "eval", "knn", "synthetic", "student-mean")
     assert record["command"] == "knn" and record["settings"]["k"] == 5
     assert set(record["metrics"]) >= {"mAP", "CP", "CR", "CF1", "OP", "OR", "OF1", "OF1_top3"}
     assert record["train_images"] == 48 and record["eval_images"] == 24
@@ -40,9 +47,7 @@ def test_monitor_equals_the_knn_command_on_the_same_checkpoint(tiny_run, capsys)
         args = ["knn", str(tiny_run / "checkpoints" / "step_00000002.pt"), "train_images=48", "eval_images=24",
                 "run.progress=false", *(["--teacher"] if teacher else [])]  # fmt: skip
         assert run(capsys, *args)[0] == 0
-        record = json.loads(
-            (tiny_run / "eval" / f"knn-synthetic-{'teacher' if teacher else 'student'}-mean.json").read_text()
-        )
+        record = result(tiny_run / "eval", "knn", "synthetic", f"{'teacher' if teacher else 'student'}-mean")
         key = "knn_teacher_mAP" if teacher else "knn_mAP"
         assert record["metrics"]["mAP"] == pytest.approx(rows[2][key], abs=1e-3)
 
@@ -75,7 +80,8 @@ def test_knn_and_linprobe_beat_chance_on_fashion_mnist(tiny_run, capsys):
     assert run(capsys, "linprobe", "--random-init", str(tiny_run), *data, "probe.epochs=50")[0] == 0
     ev = tiny_run / "eval"
     for name in ("knn-fmnist-student-mean", "linprobe-fmnist-student-both", "linprobe-fmnist-random-init-both"):
-        record = json.loads((ev / f"{name}.json").read_text())
+        command, _, rest = name.split("-", 2)
+        record = result(ev, command, "fmnist", rest)
         assert set(record["metrics"]) == {"top1", "top5"}
         assert record["metrics"]["top1"] > 30, name  # chance: 10 %
         assert record["eval_images"] == 300
@@ -84,7 +90,7 @@ def test_knn_and_linprobe_beat_chance_on_fashion_mnist(tiny_run, capsys):
 def test_mlc_head_scores_the_pretrained_tagger(tiny_run, capsys):
     rc, out, err = run(capsys, "mlc-head", str(tiny_run), "eval_images=24")
     assert rc == 0, err
-    record = json.loads((tiny_run / "eval" / "mlc-head-synthetic-student.json").read_text())
+    record = result(tiny_run / "eval", "mlc-head", "synthetic", "student")
     assert {"mAP", "CF1", "OF1", "CF1_top3", "positives"} <= set(record["metrics"])
 
 
@@ -119,7 +125,7 @@ def test_knn_under_torchrun_equals_one_process(tiny_run, tmp_path):
     for n in (1, 2):
         r = torchrun(n, ["knn", str(tiny_run), *SMALL, f"run.output_dir={tmp_path / str(n)}"])
         assert r.returncode == 0, r.stderr[-2000:]
-        outs.append(json.loads((tmp_path / str(n) / "knn-synthetic-student-mean.json").read_text())["metrics"])
+        outs.append(result(tmp_path / str(n), "knn", "synthetic", "student-mean")["metrics"])
     assert outs[0] == pytest.approx(outs[1], abs=1e-4)
 
 
@@ -133,7 +139,7 @@ def test_finetune_under_torchrun(tiny_run, tmp_path):
     assert (tmp_path / "ft" / "eval.csv").is_file() and len(
         (tmp_path / "ft" / "metrics.csv").read_text().splitlines()
     ) == 5
-    record = json.loads((tiny_run / "eval" / "finetune-synthetic-student.json").read_text())
+    record = result(tiny_run / "eval", "finetune", "synthetic", "student")
     assert "mAP" in record["metrics"] and record["train_images"] == 64
 
 

@@ -112,3 +112,73 @@ def test_skipped_steps_keep_batchnorm_statistics_and_a_run_without_a_good_step_f
         train_downstream(task, _cfg("train.epochs=1"), DistEnv(), tmp_path / "toy", batch_size=16, num_workers=0)
     assert not (tmp_path / "toy" / "eval.csv").exists()
     assert int(bn.num_batches_tracked) == 0 and not bn.running_mean.any() and torch.all(bn.running_var == 1)
+
+
+def test_resume_with_another_schedule_warns_with_old_and_new_values(tmp_path, capsys):
+    out = tmp_path / "toy"
+    _train(out, "train.epochs=1")
+    capsys.readouterr()
+    _train(out, "train.epochs=2", "train.progress=true")
+    warning = [line for line in capsys.readouterr().out.splitlines() if "with a changed config" in line]
+    assert len(warning) == 1 and warning[0].endswith(": train.epochs 1 -> 2")  # progress is not a change to warn
+
+
+def test_cli_refuses_a_folder_in_use_with_one_line(tiny_run, tmp_path, capsys):
+    from hvpmtl.cli import main
+
+    out = tmp_path / "ft"
+    out.mkdir()
+    with held_by_another_run(out):  # pid 4242
+        rc = main(["finetune", str(tiny_run), "data.dataset=synthetic", "data.train_size=16", "data.val_size=8",
+                   "data.batch_size=8", "data.num_workers=0", "train.max_steps=1", "train.progress=false",
+                   f"train.output_dir={out}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip() == f"error: train.output_dir={out} is in use by another run (pid 4242)"
+
+
+class Killed(Exception):
+    """A kill -9 at a chosen point, as an exception (the process's state after it is not used)."""
+
+
+def _eval_rows(run_dir) -> list[int]:
+    return [int(line.split(",")[0]) for line in (run_dir / "eval.csv").read_text().splitlines()[1:]]
+
+
+def test_a_kill_around_the_epoch_evaluation_loses_no_evaluation_and_repeats_none(tmp_path, monkeypatch):
+    """Epochs of 4 steps, checkpoints every 2: the epoch-end checkpoint at step 4 must come after
+    the epoch-1 evaluation, and an evaluation redone after a resume must not be listed twice."""
+    from hvpmtl.eval import trainer
+
+    out = tmp_path / "toy"
+    task = _task()
+    evaluate = task.evaluate
+    calls = []
+
+    def killed_in_first_evaluation(net, env):
+        calls.append(1)
+        if len(calls) == 1:
+            raise Killed
+        return evaluate(net, env)
+
+    task.evaluate = killed_in_first_evaluation
+    with pytest.raises(Killed):
+        train_downstream(task, _cfg(), DistEnv(), out, batch_size=16, num_workers=0)
+    result = _train(out)
+    assert _eval_rows(out) == [4, 8] and [row["step"] for row in result.history] == [4, 8]
+
+    # a kill after the epoch-1 row was written but before its checkpoint: the resume redoes it once
+    out = tmp_path / "toy2"
+    save = trainer.ckpt_io.save_checkpoint
+
+    def killed_before_step_4_is_saved(path, *args, **kwargs):
+        if path.name == "step_00000004.pt":
+            raise Killed
+        return save(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.ckpt_io, "save_checkpoint", killed_before_step_4_is_saved)
+    with pytest.raises(Killed):
+        _train(out)
+    assert _eval_rows(out) == [4]
+    monkeypatch.setattr(trainer.ckpt_io, "save_checkpoint", save)
+    result = _train(out)
+    assert _eval_rows(out) == [4, 8] and [row["step"] for row in result.history] == [4, 8]

@@ -86,3 +86,23 @@ def test_single_label_finetune_with_mixup_beats_chance(tiny_run, tmp_path):
     out = run_finetune(cfg, resolve_weights(tiny_run), tmp_path / "ft", DistEnv())
     assert not out["multi_label"] and set(out["metrics"]) == {"top1", "top5"}
     assert out["metrics"]["top1"] > 20  # chance: 10 % (a 2-block, 32-wide ViT after 128 steps)
+
+
+def test_run_from_pretrained_weights_repeats_exactly(tiny_run, tmp_path):
+    """The new head (and Mixup's numpy draws) are seeded by train.seed, whatever the process's
+    RNGs were before (each fresh process starts elsewhere)."""
+    import numpy as np
+
+    from hvpmtl.engine.metrics import read_metrics
+
+    cfg = load_config(None, ["data.batch_size=16", "data.num_workers=0", "data.train_size=16", "data.val_size=8",
+                             "train.max_steps=1", "train.log_every=1", "train.progress=false"],
+                      cls=FinetuneRunConfig, base={"data": {"dataset": "synthetic"}})  # fmt: skip
+    assert cfg.finetune.mixup > 0  # Mixup draws from numpy's global RNG
+    losses = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        np.random.seed(100 + i)
+        run_finetune(cfg, resolve_weights(tiny_run), tmp_path / f"ft{i}", DistEnv())
+        losses.append(read_metrics(tmp_path / f"ft{i}" / "metrics.csv")[0]["loss"])
+    assert losses[0] == losses[1]

@@ -55,3 +55,48 @@ def test_multi_label_reports_map():
     multi_te = torch.cat([yte, yte[:, :1]], 1)
     r = knn_evaluate(xtr, multi_tr, xte, multi_te, k=10)
     assert "mAP" in r and r["mAP"] > 95 and "OF1_top3" in r
+
+
+def _cli(capsys, *args: str) -> tuple[int, str, str]:
+    from hvpmtl.cli import main
+
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_k_larger_than_the_bank_is_reported_as_used(tiny_run, tmp_path, capsys):
+    import json
+
+    rc, out, err = _cli(capsys, "knn", str(tiny_run), "train_images=16", "eval_images=8", "knn.k=1000",
+                        "run.progress=false", f"run.output_dir={tmp_path}")  # fmt: skip
+    assert rc == 0, err
+    assert "knn.k=1000 is larger than the bank (16 images): 16 neighbours vote" in out
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("knn-*.json")]
+    assert record["settings"]["k"] == 16
+    assert "| k 16, T 0.07" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("command", ["knn", "linprobe"])
+def test_single_class_data_is_refused_before_features_are_computed(tiny_run, tmp_path, capsys, monkeypatch, command):
+    import numpy as np
+    from PIL import Image
+
+    import hvpmtl.eval.frozen as frozen
+
+    (tmp_path / "img").mkdir()
+    lines = ["path,labels"]
+    for i in range(8):
+        Image.fromarray(np.full((32, 32, 3), 30 * i, dtype=np.uint8)).save(tmp_path / "img" / f"{i}.jpg")
+        lines.append(f"img/{i}.jpg,dog")
+    (tmp_path / "same.csv").write_text("\n".join(lines) + "\n")
+
+    def no_features(*args, **kwargs):
+        raise AssertionError("features computed")
+
+    monkeypatch.setattr(frozen, "extract_features", no_features)
+    rc, _, err = _cli(capsys, command, str(tiny_run), "data.dataset=manifest", f"data.manifest={tmp_path}/same.csv",
+                      f"data.val_manifest={tmp_path}/same.csv", f"data.root={tmp_path}",
+                      "run.progress=false", f"run.output_dir={tmp_path}/out")  # fmt: skip
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "1 class ('dog')" in err and "at least 2" in err

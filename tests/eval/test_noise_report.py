@@ -48,7 +48,10 @@ def test_precision_recall_and_ap_by_hand():
     assert (a["candidates"], a["errors"], a["chance"]) == (10, 3, pytest.approx(0.3))
     assert a["ap"] == pytest.approx((1 + 2 / 3 + 3 / 8) / 3)
     at = [(x["k"], x["precision"], x["recall"], x["chance_recall"]) for x in a["at"]]  # K=errors, then ks < 10
-    assert at == pytest.approx([(3, 2 / 3, 2 / 3, 0.3), (1, 1.0, 1 / 3, 0.1), (5, 0.4, 2 / 3, 0.5)])
+    expected = [(3, 2 / 3, 2 / 3, 0.3), (1, 1.0, 1 / 3, 0.1), (5, 0.4, 2 / 3, 0.5)]
+    assert len(at) == len(expected)
+    for got, want in zip(at, expected):  # pytest.approx compares flat sequences only (pytest >= 9.1)
+        assert got == pytest.approx(want)
 
     m = rows["missing"]  # pairs 0-4, flips at 0 and 2
     assert (m["candidates"], m["errors"], m["chance"], m["ap"]) == (5, 2, 0.4, pytest.approx((1 + 2 / 3) / 2))
@@ -170,3 +173,40 @@ def test_a_run_without_teacher_is_scored_by_the_student(tmp_path, capsys):
     assert (out / "noise_report.csv").read_text().startswith("rank,image,index,tag,given,p_student,")
     assert (out / "noise_report.html").read_text().count(IMG) == 3
     assert json.loads((out / "noise_report.json").read_text())["detection"][0]["candidates"] == 80
+
+
+def test_csv_cells_that_would_start_a_formula_are_quoted():
+    probs, given = torch.tensor([[0.9, 0.2, 0.8]]), torch.tensor([[0.0, 1.0, 0.0]])
+    s = Scored(probs, given, None, ['=HYPERLINK("http://x")'], ["+cmd", "-1", "@sum"], "teacher")
+    rows = list(csv.reader(io.StringIO(csv_text(s, 0.0))))
+    assert {r[1] for r in rows[1:]} == {"'=HYPERLINK(\"http://x\")"}
+    assert sorted(r[3] for r in rows[1:]) == ["'+cmd", "'-1", "'@sum"]
+    assert rows[1][5:8] == ["0.9000", "probably missing", "0.9000"]  # numbers stay numbers
+
+
+def test_trust_rule_compares_the_held_out_map_with_chance():
+    from hvpmtl.eval.head_check import ranking_trusted
+
+    assert not ranking_trusted(6.6, 2.2)  # a 134-tag tagger scoring 6.6 mAP (threshold 21.8)
+    assert not ranking_trusted(21.0, 2.2) and ranking_trusted(22.0, 2.2)
+    assert not ranking_trusted(59.0, 50.0) and ranking_trusted(61.0, 50.0)  # reachable at a high chance
+    assert ranking_trusted(68.2, 25.0)
+
+
+def test_noise_report_gives_the_held_out_map_and_warns_on_a_head_near_chance(tmp_path, capsys):
+    from hvpmtl.engine.loop import pretrain
+
+    from .test_class_names import manifest_config, write_manifest
+
+    write_manifest(tmp_path)  # random pixels: no head can tag them
+    pretrain(manifest_config(tmp_path))
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert main(["noise-report", str(tmp_path / "run"), "--out", str(out), "run.num_workers=0"]) == 0
+    err = capsys.readouterr().err
+    check = json.loads((out / "noise_report.json").read_text())["head_check"]
+    assert check["split"] == "val" and check["images"] == 16 and check["trusted"] is False
+    assert 0 < check["chance"] < check["threshold"] and 0 <= check["mAP"] < check["threshold"]
+    assert "warning:" in err and "cannot be trusted" in err and f"{check['mAP']:.1f}" in err
+    page = (out / "noise_report.html").read_text()
+    assert "held-out mAP" in page and "cannot be trusted" in page

@@ -208,3 +208,23 @@ def test_two_processes_shard_the_evaluation_and_agree(tmp_path):
     assert result[0][1] == result[1][1]
     assert all(torch.isfinite(torch.tensor(row["loss"])) for row in read_metrics(tmp_path / "metrics.csv"))
     assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_run_from_pretrained_weights_repeats_exactly(tmp_path):
+    """The new pyramid, decoder and head are seeded by train.seed, whatever the process's RNGs
+    were before (each fresh process starts elsewhere)."""
+    import numpy as np
+
+    from hvpmtl.backbones import build_backbone
+
+    torch.manual_seed(7)
+    weights = Weights(TINY_VIT, build_backbone(TINY_VIT).model.state_dict(), "pretrained")
+    cfg = seg_cfg(data={"train_size": 8, "val_size": 2, "batch_size": 8},
+                  train={"epochs": 1, "max_steps": 1, "log_every": 1})  # fmt: skip
+    losses = []
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        np.random.seed(100 + i)
+        run_segment(cfg, weights, tmp_path / f"run{i}", DistEnv())
+        losses.append(read_metrics(tmp_path / f"run{i}" / "metrics.csv")[0]["loss"])
+    assert losses[0] == losses[1]

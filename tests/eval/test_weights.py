@@ -100,3 +100,80 @@ def test_vit_position_embedding_is_resampled_for_another_size(tiny_run):
     assert big.model.pos_embed.shape[1] == 1 + 8 * 8
     fmap, _ = big(torch.randn(1, 3, 64, 64))
     assert fmap.shape[-2:] == (8, 8)
+
+
+def _spoil_nan(key: str, value: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(value, float("nan")) if key == "blocks.1.mlp.fc2.weight" else value
+
+
+def _spoil_int8(key: str, value: torch.Tensor) -> torch.Tensor:
+    return (value * 100).to(torch.int8) if key == "norm.weight" else value
+
+
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (_spoil_nan, r"blocks\.1\.mlp\.fc2\.weight .*not finite"),
+        (_spoil_int8, r"norm\.weight is torch\.int8 .*float32"),
+    ],
+)
+def test_nonfinite_or_integer_weights_are_refused_naming_the_tensor(tiny_run, spoil, message):
+    from hvpmtl.config import load_config
+    from hvpmtl.eval.config import FinetuneRunConfig
+    from hvpmtl.eval.finetune import build_classifier
+
+    weights = resolve_weights(tiny_run)
+    bad = replace(weights, state={k: spoil(k, v) for k, v in weights.state.items()})
+    with pytest.raises(WeightsError, match=message):
+        build_masked_backbone(bad)  # knn, linprobe, detect, segment
+    with pytest.raises(WeightsError, match=message):
+        build_classifier(bad, 3, load_config(None, [], cls=FinetuneRunConfig))  # finetune
+
+
+def test_cli_refuses_nan_backbone_file_without_a_result(tiny_run, tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hvpmtl.cli import main
+
+    src = tiny_run / "backbone.safetensors"
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    (tmp_path / "nan").mkdir()
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(src)).items()},
+              str(tmp_path / "nan" / "backbone.safetensors"), metadata=meta)  # fmt: skip
+    rc = main(["knn", str(tmp_path / "nan" / "backbone.safetensors"), "train_images=16", "eval_images=8",
+               "run.progress=false"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 2 and "not finite" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "nan" / "eval").exists()
+
+
+def test_malformed_json_metadata_is_one_line_naming_file_and_key(tiny_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from hvpmtl.eval.heads import load_pretrained_model
+
+    for name, key in (("backbone.safetensors", "backbone_config"), ("model.safetensors", "config")):
+        src = tiny_run / name
+        with safe_open(str(src), "pt") as f:
+            meta = {**f.metadata(), key: "{not json"}
+        bad = tmp_path / name
+        save_file(load_file(str(src)), str(bad), metadata=meta)
+        with pytest.raises(WeightsError, match=rf"{bad}: metadata '{key}' is not valid JSON"):
+            resolve_weights(bad)
+    with pytest.raises(WeightsError, match=r"metadata 'config' is not valid JSON"):
+        load_pretrained_model(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("seed", ["x", "1.5", "[1]"])
+def test_edited_config_with_a_bad_seed_names_file_and_key(tiny_run, tmp_path, seed):
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run / "backbone.safetensors", run)
+    (run / "config.yaml").write_text(f"train: {{seed: {seed}}}\n")
+    with pytest.raises(WeightsError, match=rf"{run / 'config.yaml'}: train\.seed: expected an integer"):
+        resolve_weights(run)

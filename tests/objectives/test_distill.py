@@ -1,4 +1,4 @@
-"""Momentum distillation: label similarity (Eq. 4), symmetric KL (Eq. 5), EMA arithmetic."""
+"""Momentum distillation: label similarity (Eq. 5), symmetric KL (Eq. 6), EMA arithmetic."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""SimMIM decoder and the masked L1 loss (Eq. 3)."""
+"""SimMIM decoder and the masked L1 loss (Eq. 4)."""
 
 import pytest
 import torch

@@ -28,6 +28,28 @@ def test_paper_values_sum_and_mean():
     assert per_image.item() == pytest.approx(sum(PAPER_TERMS) / 2, rel=1e-5)  # classes summed, 2 images averaged
 
 
+def test_query2label_reduction_is_the_element_mean_times_1000():
+    # Query2Label's AsymmetricLossOptimized: -loss.sum() / B / C * 1000, here B = C = 2
+    q2l = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1, reduction="query2label")
+    assert q2l.item() == pytest.approx(sum(PAPER_TERMS) / 2 / 2 * 1000, rel=1e-5)
+    # at the paper's alpha_1 = 0.001 the factor cancels: alpha_1 * L_mlc is the per-element mean
+    mean = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1, reduction="mean")
+    assert (MLCConfig().weight * q2l).item() == pytest.approx(mean.item(), rel=1e-6)
+
+
+def test_unknown_reduction_is_refused():
+    with pytest.raises(ValueError, match="reduction 'avg'"):
+        weighted_asymmetric_loss(LOGITS, TARGETS, reduction="avg")
+    with pytest.raises(ValueError, match="tasks.mlc.reduction"):
+        MLCConfig(reduction="avg").validate("tasks.mlc")
+
+
+def test_default_reduction_is_query2labels():
+    cfg = MLCConfig()
+    cfg.validate("tasks.mlc")
+    assert (cfg.reduction, cfg.weight) == ("query2label", 0.001)
+
+
 def test_probability_clip_shifts_negatives_only():
     # clip 0.05: neg x=ln3 -> p_m=.70: .70 * -ln .30 = 0.8427810; neg x=0 -> p_m=.45: .45 * -ln .55 = 0.2690267
     loss = weighted_asymmetric_loss(LOGITS, TARGETS, eta=10, gamma_pos=4, gamma_neg=1, clip=0.05)

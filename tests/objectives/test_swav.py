@@ -1,4 +1,4 @@
-"""Sinkhorn-Knopp (marginals, truncation) and the swapped-prediction loss (Eq. 2)."""
+"""Sinkhorn-Knopp (marginals, truncation) and the swapped-prediction loss (Eqs. 2-3)."""
 
 import math
 

@@ -19,6 +19,7 @@ from torch import nn
 from hvpmtl.backbones.base import MaskedBackbone
 from hvpmtl.backbones.swin import MaskedSwin
 from hvpmtl.backbones.vit import MaskedViT
+from hvpmtl.reprs import short_repr, short_text
 
 if TYPE_CHECKING:
     from hvpmtl.backbones import BackboneConfig
@@ -135,9 +136,10 @@ def probe_backbone(cfg: BackboneConfig, prefix: str = "backbone") -> BackboneSha
             with torch.device("meta"):
                 backbone = adapter(timm.create_model(cfg.name, pretrained=False, **kwargs))
         except Exception as err:  # any failure here comes from the config's values
-            shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items() if k != "num_classes")
+            shown = ", ".join(f"{k}={short_repr(v, 80)}" for k, v in kwargs.items() if k != "num_classes")
             raise ValueError(
-                f"{prefix or 'backbone'}: timm cannot build {cfg.name} with {shown}: {type(err).__name__}: {err}"
+                f"{prefix or 'backbone'}: timm cannot build {cfg.name} with {short_text(shown, 400)}: "
+                f"{type(err).__name__}: {short_text(str(err))}"
             ) from err
         _shapes[cache_key] = BackboneShape(int(backbone.patch_size), int(backbone.reduction))
     return _shapes[cache_key]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
@@ -123,15 +124,14 @@ def read_state_file(path: str | Path, key: str = "backbone.pretrained_file") -> 
             raise _error(f"{key}: {path} is an hvpmtl model file; start from it with backbone.init_from")
     elif path.suffix in SUFFIXES:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            why = (str(err).split("WeightsUnpickler error:")[-1].strip().splitlines() or [""])[0][:150]
-            if "global" in why.lower():  # torch refused a pickled object: never retry unsafely
-                raise _error(
-                    f"{key}: {path}: unsafe to load, it holds pickled objects besides tensors ({why}); "
-                    "save its state dict alone or as .safetensors"
-                ) from None
-            raise _error(f"{key}: {path}: unreadable, not a PyTorch weights file ({why})") from None
+            with warnings.catch_warnings():  # torch warns about pickle protocols and asks for bug reports
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's message would suggest weights_only=False: never do that
+            raise _error(
+                f"{key}: {path}: not a weights file, or unsafe to load (it holds arbitrary pickled objects); "
+                "nothing was loaded; save its state dict alone or as .safetensors"
+            ) from None
         except (RuntimeError, EOFError, OSError, ValueError) as err:
             raise _error(f"{key}: {path}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
     else:

@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # "SOURCE -c PRESET key=value": argparse stops collecting positionals at the option
-        if not hasattr(args, "args") or any(e.startswith("-") for e in extra):
+    if extra:  # "SOURCE -c PRESET k=v", "k=v --resume X k2=v2": argparse stops collecting positionals at an option
+        field = "args" if hasattr(args, "args") else "overrides"
+        if not hasattr(args, field) or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.args = [*args.args, *extra]
+        setattr(args, field, [*getattr(args, field), *extra])
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, WeightsError, BadImageError) as err:

@@ -4,8 +4,9 @@ evaluation, each taking a run folder, a checkpoint or a ``.safetensors`` file (`
 The data block starts from the evaluated run's own data source (which images: dataset, root,
 manifests, vocabulary, sizes, mean/std), unless the preset or the overrides name another
 ``data.dataset`` (then only mean/std are kept); then the command's preset, then ``key=value``
-overrides. Results go to ``<run>/eval/`` as ``<command>-<data>-<weights>.json`` plus one row of
-``<run>/eval/results.md``; training commands keep their own run folder beside it.
+overrides. Results go to ``<run>/eval/`` as ``<command>-<data>-<hash>-<weights>.json`` plus one row
+of ``<run>/eval/results.md``; training commands keep their own run folder beside it (the data's name
+and hash: :mod:`hvpmtl.eval.identity`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,18 @@ import argparse
 from pathlib import Path
 
 from hvpmtl.config import ConfigError, explicit_keys, load_config
+from hvpmtl.data.config import has_effect
 
 SOURCE_KEYS = ("dataset", "root", "manifest", "val_manifest", "classes", "classes_file", "check_files", "on_bad_image",
-               "max_image_pixels", "seed", "train_size", "val_size", "mean", "std", "eval_crop_pct")  # fmt: skip
+               "max_image_pixels", "seed", "train_size", "val_size", "mean", "std", "eval_crop_pct", "synthetic_tags",
+               "emoji_min_count")  # fmt: skip
+
+
+def run_source(data: dict, keys: tuple[str, ...] = SOURCE_KEYS) -> dict:
+    """The entries ``keys`` of a run's data block that its own ``dataset`` reads (a saved config may
+    hold another source's keys: those would stop the command as set but without effect)."""
+    dataset = data.get("dataset", "synthetic")
+    return {k: data[k] for k in keys if k in data and has_effect(k, dataset)}
 
 
 def inherited_data(weights, preset: str | None, overrides: list[str], preset_dir: Path) -> dict:
@@ -24,7 +34,7 @@ def inherited_data(weights, preset: str | None, overrides: list[str], preset_dir
     data = (weights.pretrain or {}).get("data") or {}
     own = explicit_keys(preset, overrides, preset_dir)
     keys = ("mean", "std") if "data.dataset" in own else SOURCE_KEYS
-    return {"data": {k: data[k] for k in keys if k in data}}
+    return {"data": run_source(data, keys)}
 
 
 def _who(args: argparse.Namespace, weights=None) -> str:
@@ -46,7 +56,7 @@ def _prepare(command: str, args: argparse.Namespace):
     """Weights, config and output folder; every problem here is a usage error (exit 2)."""
     from hvpmtl.data import build_dataset
     from hvpmtl.eval.config import ROOTS, preset_dir
-    from hvpmtl.eval.report import data_label
+    from hvpmtl.eval.identity import data_tag
     from hvpmtl.eval.weights import resolve_weights
 
     args.source, args.overrides = split_source(args.args)
@@ -64,7 +74,7 @@ def _prepare(command: str, args: argparse.Namespace):
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(str(err)) from err
     root = weights.run_dir or Path("runs") / f"random-init-{args.pretrain_config or 'cpu-tiny'}"
-    tag = f"{data_label(cfg.data).replace(' ', '-').replace('/', '-')}-{_who(args, weights)}"
+    tag = f"{data_tag(cfg)}-{_who(args, weights)}"  # the data's name and a hash of what identifies it
     return weights, cfg, root, tag
 
 
@@ -84,7 +94,7 @@ def cmd_downstream(args: argparse.Namespace) -> int:
             from hvpmtl.eval.frozen import run_knn
 
             out = run_knn(cfg, weights, env)
-            settings = {"k": cfg.knn.k, "T": cfg.knn.temperature, "feature": cfg.knn.feature}
+            settings = {"k": out.pop("k"), "T": cfg.knn.temperature, "feature": cfg.knn.feature}  # k as used
             tag += f"-{cfg.knn.feature}"
         elif command == "linprobe":
             from hvpmtl.eval.frozen import run_linprobe
@@ -132,13 +142,14 @@ def cmd_mlc_head(args: argparse.Namespace) -> int:
     from hvpmtl.config import to_dict
     from hvpmtl.eval.config import FeatureEvalConfig
     from hvpmtl.eval.heads import load_pretrained_model, mlc_head_metrics
+    from hvpmtl.eval.identity import data_tag
     from hvpmtl.eval.report import data_label, write_result
 
     args.source, args.overrides = split_source(args.args)
     if args.source is None:
         raise ConfigError("give the run folder, model.safetensors or checkpoint whose MLC head to score")
     _, run_cfg = load_pretrained_model(args.source)
-    base = {"data": {k: v for k, v in to_dict(run_cfg.data).items() if k in SOURCE_KEYS}}
+    base = {"data": run_source(to_dict(run_cfg.data))}
     cfg = load_config(None, args.overrides, cls=FeatureEvalConfig, base=base)
     metrics = mlc_head_metrics(args.source, cfg.data, cfg.eval_images, args.teacher, cfg.eval_split)
     if metrics is None:
@@ -146,7 +157,7 @@ def cmd_mlc_head(args: argparse.Namespace) -> int:
     src = Path(args.source)
     run = src if src.is_dir() else (src.parent.parent if src.parent.name == "checkpoints" else src.parent)
     who = "teacher" if args.teacher else "student"
-    write_result(run / "eval", f"mlc-head-{data_label(cfg.data)}-{who}", "mlc-head", f"{run.name} {who} MLC head",
+    write_result(run / "eval", f"mlc-head-{data_tag(cfg)}-{who}", "mlc-head", f"{run.name} {who} MLC head",
                  f"{data_label(cfg.data)} ({cfg.eval_split} {cfg.eval_images or 'all'})", metrics, {})  # fmt: skip
     return 0
 

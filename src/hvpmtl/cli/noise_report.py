@@ -24,7 +24,7 @@ def run_folder(source: Path) -> Path:
 
 
 def cmd_noise_report(args: argparse.Namespace) -> int:
-    from hvpmtl.cli.downstream import SOURCE_KEYS, split_source
+    from hvpmtl.cli.downstream import SOURCE_KEYS, run_source, split_source
     from hvpmtl.config import to_dict
     from hvpmtl.eval.heads import load_pretrained_model
     from hvpmtl.eval.noise_report import NoiseReportConfig, run_noise_report
@@ -35,7 +35,7 @@ def cmd_noise_report(args: argparse.Namespace) -> int:
     flags = {"split": args.split, "top": args.top, "run.output_dir": args.out}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + overrides
     model, run_cfg = load_pretrained_model(source)
-    base = {"data": {k: v for k, v in to_dict(run_cfg.data).items() if k in (*SOURCE_KEYS, *INHERITED)}}
+    base = {"data": run_source(to_dict(run_cfg.data), (*SOURCE_KEYS, *INHERITED))}
     cfg = load_config(None, overrides, cls=NoiseReportConfig, base=base)
     out = Path(cfg.run.output_dir) if cfg.run.output_dir else run_folder(Path(source)) / "eval" / f"noise-{cfg.split}"
     run_noise_report(source, cfg, out, loaded=(model, run_cfg))

@@ -5,7 +5,8 @@ Public entry points:
 * ``build_dataset(cfg_data, img_size, split="train")`` -> a data set with ``.classes`` whose
   items are dicts with at least ``image`` (uint8 ``3 x H x W``) and ``labels`` (float multi-hot
   ``C``); ``cfg_data.dataset`` picks ``synthetic``, ``manifest``, ``imagefolder``,
-  ``fmnist-mosaic`` or ``fmnist`` (single items, for downstream evaluation), or one of the users'
+  ``fmnist-mosaic`` or ``fmnist`` (single items, for downstream evaluation), ``emoji`` (scenes of
+  2-4 emoji tagged with their CLDR keywords: ~130 tags, ``hvpmtl.data.emoji``), or one of the users'
   formats ``coco``, ``voc``, ``openimages``, ``tencent`` (``hvpmtl.data.formats``). Splits:
   ``train``, ``val``, ``test``.
 * ``build_view_transform(cfg)`` and ``build_eval_transform(cfg)`` take the root
@@ -21,9 +22,10 @@ Public entry points:
 * ``read_image(path, max_pixels)`` decodes any image file to uint8 RGB (``hvpmtl.data.decode``);
   unusable images raise ``BadImageError`` naming the file (and its manifest line).
 
-Where each split comes from: generated sets (synthetic, fmnist-mosaic) use ``data.train_size``
+Where each split comes from: generated sets (synthetic, fmnist-mosaic, emoji) use ``data.train_size``
 / ``data.val_size`` images from disjoint streams of ``data.seed``, with ``data.label_noise``
-applied to the train split only; ``fmnist`` takes the first ``data.train_size`` (train) or
+applied to the train split only (emoji: val and test scenes show only emoji that train scenes never
+show); ``fmnist`` takes the first ``data.train_size`` (train) or
 ``data.val_size`` (val, test: the official test items) items, 0 meaning all; ``manifest``
 reads ``data.manifest`` (train) or ``data.val_manifest``; ``imagefolder`` reads
 ``root/<split>`` when that folder exists, else ``root`` itself for train (and fails for val/test);
@@ -142,7 +144,7 @@ def build_dataset(cfg_data: DataConfig, img_size: int, split: str = "train") -> 
     size = cfg.train_size if split == "train" else cfg.val_size
     noise = cfg.label_noise if split == "train" else 0.0
     if cfg.dataset == "synthetic":
-        ds: Any = SyntheticScenes(size, img_size, cfg.seed, SPLITS[split], noise)
+        ds: Any = SyntheticScenes(size, img_size, cfg.seed, SPLITS[split], noise, tags=cfg.synthetic_tags)
     elif cfg.dataset in ("fmnist-mosaic", "fmnist"):
         root = cfg.root or FMNIST_ROOT
         if not Path(root).is_dir():
@@ -157,6 +159,10 @@ def build_dataset(cfg_data: DataConfig, img_size: int, split: str = "train") -> 
                 ds = FashionMNISTMosaic(root, split, size, img_size, cfg.seed, SPLITS[split], noise)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"data.root: {err}") from err
+    elif cfg.dataset == "emoji":
+        from hvpmtl.data.emoji import EmojiScenes  # Pillow's font code only where asked for
+
+        ds = EmojiScenes(split, size, img_size, cfg.seed, SPLITS[split], noise, cfg.emoji_min_count)
     elif cfg.dataset == "manifest":
         ds = _manifest(cfg, split)
     elif cfg.dataset in FORMATS:
@@ -193,6 +199,7 @@ def build_view_transform(cfg: Any) -> TwoViewTransform:
         rand_augment_ops=d.rand_augment_ops,
         rand_augment_magnitude=d.rand_augment_magnitude,
         rand_augment_magnitude_std=d.rand_augment_magnitude_std,
+        rand_augment_op_prob=d.rand_augment_op_prob,
         mean=d.mean,
         std=d.std,
     )

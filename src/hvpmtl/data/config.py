@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
+
+from hvpmtl.reprs import short_repr
 
 FORMATS = ("coco", "voc", "openimages", "tencent")  # readers in hvpmtl.data.formats
-DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic", "fmnist", *FORMATS, "shards")
+DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic", "fmnist", "emoji", *FORMATS, "shards")
 BAD_IMAGE_POLICIES = ("error", "skip")
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_GENERATED = ("synthetic", "fmnist-mosaic", "emoji")
+_FILES = ("manifest", "imagefolder", *FORMATS)  # image files read one by one (hvpmtl.data.manifest.ImageFiles)
+_VOCABULARY = (*_FILES, "shards")  # sources whose classes come from the data (or a given vocabulary)
+# Each source-specific key -> the data.dataset values it has an effect with (hvpmtl.data.build_dataset and
+# the readers it calls); every other data.* key applies to any source. A key set (its value differs from
+# the default) for a source that does not read it is refused (check_source_keys) instead of ignored.
+SOURCE_SPECIFIC_KEYS: dict[str, tuple[str, ...]] = {
+    "manifest": ("manifest",),
+    "val_manifest": ("manifest",),
+    "annotations": FORMATS,
+    "val_annotations": FORMATS,
+    "dictionary": ("openimages", "tencent"),
+    "min_confidence": ("openimages", "tencent"),
+    "voc_difficult": ("voc",),
+    "missing_images": FORMATS,
+    "shards": ("shards",),
+    "val_shards": ("shards",),
+    "shard_streams": ("shards",),
+    "shard_shuffle": ("shards",),
+    "root": (*_FILES, "fmnist-mosaic", "fmnist"),
+    "classes": _VOCABULARY,
+    "classes_file": _VOCABULARY,
+    "check_files": ("manifest", *FORMATS),
+    "on_bad_image": _VOCABULARY,
+    "max_image_pixels": _VOCABULARY,
+    "reduced_decode": _VOCABULARY,
+    "io_threads": _FILES,
+    "seed": _GENERATED,
+    "train_size": (*_GENERATED, "fmnist"),
+    "val_size": (*_GENERATED, "fmnist"),
+    "label_noise": _GENERATED,
+    "item_scale": ("fmnist",),
+    "synthetic_tags": ("synthetic",),
+    "emoji_min_count": ("emoji",),
+}
 
 
 @dataclass
@@ -20,11 +59,12 @@ class DataConfig:
     RandAugment) but not their strengths; the defaults below follow the methods it cites:
     crop scale (0.67, 1) and ratio (3/4, 4/3) from SimMIM (large crops keep most of an image's
     tags true), RandAugment n2 m9 on timm's 0-10 scale with magnitude noise 0.5 (SimMIM's
-    ``rand-m9-mstd0.5``: 90 % of each op's maximum, e.g. 27 degrees of rotation), timm's colour
-    jitter 0.4. docs/method.md lists each choice.
+    ``rand-m9-mstd0.5``: 90 % of each op's maximum, e.g. 27 degrees of rotation) with both ops
+    always applied (timm's policy runs each with probability 0.5: ``rand_augment_op_prob``),
+    timm's colour jitter 0.4. docs/method.md lists each choice.
     """
 
-    dataset: str = "synthetic"  # synthetic | manifest | imagefolder | fmnist-mosaic | fmnist (single items)
+    dataset: str = "synthetic"  # synthetic | manifest | imagefolder | fmnist-mosaic | fmnist (single items) | emoji
     # | coco | voc | openimages | tencent (users' formats) | shards (WebDataset tars, hvpmtl.data.shards)
     root: str = ""  # images' root folder (manifest, imagefolder) or IDX folder (fmnist-mosaic)
     manifest: str = ""  # train manifest (.csv or .jsonl); relative image paths are under root
@@ -51,12 +91,14 @@ class DataConfig:
     shard_streams: int = 8  # pre-training reads an epoch as this many streams; a multiple of the processes
     shard_shuffle: int = 1000  # samples per shuffle window of a stream (1 = read order)
 
-    # generated data sets (synthetic, fmnist-mosaic)
+    # generated data sets (synthetic, fmnist-mosaic, emoji)
     seed: int = 0  # which generated data set; augmentations are seeded by train.seed
     train_size: int = 10000
     val_size: int = 2000
     label_noise: float = 0.0  # train split only: drop each tag / add a spurious one with prob r
     item_scale: float = 1.0  # fmnist: item side / image side (0.5 = the items' size in fmnist-mosaic)
+    synthetic_tags: str = "shapes"  # synthetic: shapes (10 tags) | attributes (240 shape x colour x texture, Zipf)
+    emoji_min_count: int = 5  # emoji: keep CLDR keywords of at least this many train emoji (5: 181 tags)
 
     # loading
     batch_size: int = 64  # global batch, split over processes
@@ -86,6 +128,9 @@ class DataConfig:
     rand_augment_ops: int = 2
     rand_augment_magnitude: float = 9.0  # timm's 0..10 scale (SimMIM's rand-m9: 90 % of each op's maximum)
     rand_augment_magnitude_std: float = 0.5  # per-image Gaussian noise on the magnitude (timm's mstd0.5)
+    # probability that each chosen op runs: 0.5 is timm's policy (SimMIM's rand-m9-mstd0.5-inc1); 1.0
+    # (every op, torchvision's) is kept as the default until the two are measured against each other
+    rand_augment_op_prob: float = 1.0
     eval_crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre-crop
 
     def validate(self, prefix: str = "") -> None:
@@ -96,7 +141,7 @@ class DataConfig:
 
         def check(ok: bool, name: str, why: str) -> None:
             if not ok:
-                raise ValueError(f"{key(name)}={getattr(self, name)!r}: {why}")
+                raise ValueError(f"{key(name)}={short_repr(getattr(self, name))}: {why}")
 
         check(self.dataset in DATASETS, "dataset", f"unknown (choose from {', '.join(DATASETS)})")
         check(self.on_bad_image in BAD_IMAGE_POLICIES, "on_bad_image", "must be 'error' or 'skip'")
@@ -114,6 +159,8 @@ class DataConfig:
         check(sizes_ok(self.val_size), "val_size", "must be positive (fmnist: >= 0, 0 = all)")
         check(0.0 <= self.label_noise < 1.0, "label_noise", "must be in [0, 1)")
         check(0.0 < self.item_scale <= 1.0, "item_scale", "must be in (0, 1]")
+        check(self.synthetic_tags in ("shapes", "attributes"), "synthetic_tags", "must be 'shapes' or 'attributes'")
+        check(self.emoji_min_count >= 1, "emoji_min_count", "must be >= 1")
         check(self.batch_size > 0, "batch_size", "must be positive")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.shard_streams >= 1, "shard_streams", "must be >= 1")
@@ -133,4 +180,42 @@ class DataConfig:
         check(self.rand_augment_ops >= 1, "rand_augment_ops", "must be >= 1")
         check(0 <= self.rand_augment_magnitude <= 10, "rand_augment_magnitude", "must be in [0, 10] (timm's scale)")
         check(self.rand_augment_magnitude_std >= 0, "rand_augment_magnitude_std", "must be >= 0")
+        check(0.0 <= self.rand_augment_op_prob <= 1.0, "rand_augment_op_prob", "is a probability in [0, 1]")
         check(0.0 < self.eval_crop_pct <= 1.0, "eval_crop_pct", "must be in (0, 1]")
+
+
+def has_effect(key: str, dataset: str) -> bool:
+    """Whether ``data.<key>`` is read when the data comes from ``dataset`` (SOURCE_SPECIFIC_KEYS)."""
+    return dataset in SOURCE_SPECIFIC_KEYS.get(key, (dataset,))
+
+
+def check_source_keys(
+    data: DataConfig, overridden: Collection[str] | None = None, preset_dataset: str | None = None,
+    prefix: str = "data",
+) -> DataConfig:
+    """Raise ``ValueError`` (one line) when a source-specific key differs from its default but
+    ``data.dataset`` does not read it; of several, the one the fewest sources read (the clearest
+    sign of the source meant).
+
+    ``overridden`` (the ``data.*`` keys the ``key=value`` overrides set) and ``preset_dataset``
+    (the source of the defaults, base and preset under them): when the overrides choose another
+    source, the keys the preset set for its own source are put back to their defaults (they went
+    with that source, e.g. ``-c cpu-tiny data.dataset=manifest``: cpu-tiny's synthetic sizes) and
+    the data block is returned with them; every other such key is refused.
+    """
+    default = DataConfig()
+    unused = [k for k in SOURCE_SPECIFIC_KEYS if getattr(data, k) != getattr(default, k)]
+    unused = [k for k in unused if not has_effect(k, data.dataset)]
+    if overridden is not None and preset_dataset not in (None, data.dataset):
+        dropped = [k for k in unused if k not in overridden and has_effect(k, preset_dataset)]
+        data = replace(data, **{k: getattr(default, k) for k in dropped})
+        unused = [k for k in unused if k not in dropped]
+    if not unused:
+        return data
+    key = min(unused, key=lambda k: len(SOURCE_SPECIFIC_KEYS[k]))
+    sources = SOURCE_SPECIFIC_KEYS[key]
+    fix = f"={sources[0]}" if len(sources) == 1 else f" to one of {', '.join(sources)}"
+    raise ValueError(
+        f"{prefix}.{key} is set but has no effect with {prefix}.dataset={data.dataset}: "
+        f"set {prefix}.dataset{fix} (or remove {prefix}.{key})"
+    )

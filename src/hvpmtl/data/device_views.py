@@ -106,6 +106,8 @@ def _rand_augment_draw(step: RandAugment, height: int, width: int) -> tuple[list
             value = float(magnitudes[magnitude_bin])
             if signed and torch.rand(()) <= 0.5:
                 value *= -1
+        if step.skips_op():  # drawn where the CPU path draws it: a skipped op is the identity
+            name, value = "Identity", 0.0
         names.append(name)
         values.append(value)
     return names, values

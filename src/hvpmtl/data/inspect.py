@@ -237,9 +237,18 @@ def summarize(scan: Scan, top: int = 20, img_size: int | None = None, decode_sid
     }
 
 
+_MD_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "|": "\\|", "\r": "<br>", "\n": "<br>"})
+
+
+def md_text(value: Any) -> str:
+    """``value`` as inline markdown text: tag and file names are data, so HTML is shown, not
+    rendered, and neither ``|`` nor a newline can break a table row."""
+    return str(value).replace("\r\n", "\n").translate(_MD_ESCAPES)
+
+
 def _table(header: list[str], rows: list[list]) -> list[str]:
     def row(cells: list) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        return "| " + " | ".join(md_text(c) for c in cells) + " |"
 
     return [row(header), "|" + "|".join("---" for _ in header) + "|", *(row(r) for r in rows)]
 
@@ -248,7 +257,7 @@ def markdown(summary: dict, title: str, plots: bool = True, max_problems: int = 
     """``report.md``: the summary as tables, with the plots beside it."""
     c, lpi, tail, sizes = summary["counts"], summary["labels_per_image"], summary["long_tail"], summary["image_sizes"]
     scanned = f"{c['scanned']:,} (a random sample)" if c["sampled"] else f"{c['scanned']:,} (all)"
-    lines = [f"# Data report: {title}", ""]
+    lines = [f"# Data report: {md_text(title)}", ""]
     lines += _table(["", ""], [
         ["images", f"{c['images']:,}"], ["scanned", scanned], ["classes", f"{c['classes']:,}"],
         ["readable", f"{c['readable']:,}"], ["missing files", c["missing"]], ["corrupt files", c["corrupt"]],

@@ -7,11 +7,11 @@ Manifest formats (paths relative to ``root``; an absolute path is used as is):
   field is an image with no tag. Quote a path that contains a comma.
 * JSONL, one object per line: ``{"path": "img/001.jpg", "labels": ["dog", "grass"]}``.
 
-Manifests are UTF-8 text; a byte-order mark (as Excel writes) is accepted. Tags are names. The
-vocabulary is the sorted set of names in the file, or a given list (then an unknown name is an
-error). Problems are reported early, naming the file and line: bytes that are not UTF-8, a
-malformed line, an unknown tag, a missing image (checked at construction unless
-``check_files=False``).
+Manifests are UTF-8 text; a byte-order mark (as Excel writes) is accepted. Tags are names; blank
+ones are dropped. The vocabulary is the sorted set of names in the file, or a given list (then
+an unknown name is an error). Problems are reported early, naming the file and line: bytes
+that are not UTF-8, a malformed line, an unknown tag, a missing image (checked at construction
+unless ``check_files=False``).
 
 Images are decoded by :func:`hvpmtl.data.decode.read_image` (every PIL mode, EXIF orientation,
 a pixel limit). An image that cannot be used at load time raises :class:`BadImageError` naming
@@ -115,6 +115,8 @@ def _parse_jsonl(path: Path) -> list[tuple[int, str, list[str]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: malformed line: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{lineno}: malformed line: not valid JSON (nested too deeply)") from None
             ok = (
                 isinstance(obj, dict)
                 and isinstance(obj.get("path"), str)
@@ -127,7 +129,7 @@ def _parse_jsonl(path: Path) -> list[tuple[int, str, list[str]]]:
                     f"{path}:{lineno}: malformed line: expected "
                     '{"path": "<file>", "labels": ["<name>", ...]}, got ' + line.strip()[:200]
                 )
-            rows.append((lineno, obj["path"].strip(), [t.strip() for t in obj["labels"]]))
+            rows.append((lineno, obj["path"].strip(), [t.strip() for t in obj["labels"] if t.strip()]))  # as CSV
     return rows
 
 

@@ -51,7 +51,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from hvpmtl.data.decode import BadImageError, read_image
-from hvpmtl.data.shards import ShardIndex, image_member, load_shard_index, parse_labels
+from hvpmtl.data.shards import ShardError, ShardIndex, image_member, load_shard_index, parse_labels
 from hvpmtl.data.skipped import record_skipped_image
 from hvpmtl.data.views import TwoViewTransform, collate_pretrain, reduced_decode_side, seeded_cpu_rng, view_seed
 
@@ -199,7 +199,7 @@ class ShardStream(IterableDataset):
     def _check_count(self, shard: int, seen: int) -> None:
         if seen != self.index.counts[shard]:
             path = self.index.paths[shard]
-            raise ValueError(f"{path}: {seen} samples, {self.index.origin} lists {self.index.counts[shard]} "
+            raise ShardError(f"{path}: {seen} samples, {self.index.origin} lists {self.index.counts[shard]} "
                              "(re-write the shards, or their index)")  # fmt: skip
 
     def _stream(self, epoch: int, k: int, first_output: int):
@@ -214,20 +214,20 @@ class ShardStream(IterableDataset):
             lo = k * P + w * W
             window = list(islice(raw, min(W, P - w * W)))
             if len(window) < min(W, P - w * W):
-                raise ValueError(f"{self.index.origin}: the shards end early (fewer samples than listed)")
+                raise ShardError(f"{self.index.origin}: the shards end early (fewer samples than listed)")
             for t in range(max(first_output, w * W), min((w + 1) * W, n)):
                 yield self._sample(window, int(order[t]) - lo, epoch)
 
     def _decode(self, raw: dict) -> tuple[torch.Tensor, torch.Tensor, int, str]:
         url, key = raw["__url__"], raw["__key__"]
         ext = image_member(url, key, raw)
-        if "json" not in raw:
-            raise ValueError(f"{url}: sample '{key}' has no .json member (its labels)")
+        if "json" not in raw:  # this and every error below: one line, even from a loader worker (ShardError)
+            raise ShardError(f"{url}: sample '{key}' has no .json member (its labels)")
         tags, index = parse_labels(raw["json"], f"{url}:{key}.json")
         labels = torch.zeros(len(self.classes))
         for t in tags:
             if t not in self.vocab:
-                raise ValueError(f"{url}:{key}.json: unknown label '{t}' (not in the {len(self.vocab)} classes)")
+                raise ShardError(f"{url}:{key}.json: unknown label '{t}' (not in the {len(self.vocab)} classes)")
             labels[self.vocab[t]] = 1.0
         where = f"{url}:{key}.{ext}"
         return raw[ext], labels, raw["__position__"] if index is None else index, where

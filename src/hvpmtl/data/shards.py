@@ -9,7 +9,8 @@ A shard folder (what :func:`write_shards` and ``hvpmtl data shard`` write):
 * ``shards.json``: ``{"format": "hvpmtl-shards", "version": 1, "classes": [...], "shards":
   [{"name": "train-000000.tar", "samples": 1000}, ...], "samples": N, "num_tagged": T,
   "shuffle_seed": 0}``: the vocabulary and the sample count of every shard, so that a reader
-  can plan an epoch without opening a tar.
+  can plan an epoch without opening a tar. A name is a plain file name in the index's folder
+  (no ``/``, no ``..``); an index naming other files is refused.
 
 Samples are written in a seeded random order (``shuffle_seed``; ``None`` keeps the source
 order), as WebDataset's authors advise: a streaming reader then mixes classes even when the
@@ -19,10 +20,12 @@ source decodes to; other images are encoded as PNG (lossless) or JPEG. Every sha
 index are written atomically (a crash leaves no half file).
 
 Reading: ``data.shards`` names a shard folder, its ``shards.json``, or a brace pattern of local
-``.tar`` files (``/data/train-{000000..000099}.tar``; counted and their labels read at start
-when no ``shards.json`` beside them lists them). :class:`ShardImages` reads samples by random
-access (seek to the member) for evaluation and conversion; pre-training streams them with
-:class:`hvpmtl.data.shard_stream.ShardStream`. Only local files are read.
+``.tar`` files (``/data/train-{000000..000099}.tar``; counted, their samples checked and their
+labels read at start when no ``shards.json`` beside them lists them). A sample needs an image
+member and a ``.json`` one; a link member is refused (WebDataset skips links).
+:class:`ShardImages` reads samples by random access (seek to the member) for evaluation and
+conversion; pre-training streams them with :class:`hvpmtl.data.shard_stream.ShardStream`. Only
+local files are read.
 """
 
 from __future__ import annotations
@@ -41,15 +44,22 @@ import torch
 from PIL import Image
 
 from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
-from hvpmtl.data.decode import read_image
+from hvpmtl.data.decode import BadImageError, read_image
 from hvpmtl.data.manifest import ImageFiles
+from hvpmtl.reprs import short_repr
 
-__all__ = ["INDEX_NAME", "ShardImages", "ShardIndex", "load_shard_index", "scan_shard", "write_shards"]
+__all__ = ["INDEX_NAME", "ShardError", "ShardImages", "ShardIndex", "load_shard_index", "scan_shard", "write_shards"]
 
 INDEX_NAME = "shards.json"
 FORMAT = "hvpmtl-shards"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 _KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]+)$")  # WebDataset's key/extension split: up to the first dot
+_OWN_NAME = re.compile(r"[A-Za-z0-9_.-]+-[0-9]{6}\.tar")  # the names write_shards gives its shards
+
+
+class ShardError(BadImageError):
+    """A shard sample or file cannot be used; a :class:`BadImageError`, so that one raised in a loader
+    worker comes back as its one-line message (the CLI exits with status 2)."""
 
 
 @dataclass
@@ -88,6 +98,9 @@ def scan_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     try:
         with tarfile.open(path, "r:") as tar:
             for m in tar:
+                if (m.issym() or m.islnk()) and split_key(m.name) is not None:  # WebDataset skips links too
+                    raise ShardError(f"{path}: member {short_repr(m.name)} is a link, not a file "
+                                     "(a shard holds each sample's files themselves)")  # fmt: skip
                 kx = split_key(m.name) if m.isreg() else None
                 if kx is None or os.path.basename(m.name).startswith("__"):
                     continue
@@ -101,32 +114,46 @@ def scan_shard(path: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 
 
 def image_member(path: Path | str, key: str, members: Sequence[str]) -> str:
-    """The image extension among a sample's ``members``; ``ValueError`` naming the shard and key."""
+    """The image extension among a sample's ``members``; :class:`ShardError` naming the shard and key."""
     for ext in IMAGE_EXTENSIONS:
         if ext in members:
             return ext
-    raise ValueError(f"{path}: sample '{key}' has no image member ({', '.join(sorted(members))}; "
+    found = ", ".join(sorted(m for m in members if not m.startswith("__")))  # not WebDataset's __key__, __url__
+    raise ShardError(f"{path}: sample '{key}' has no image member ({found}; "
                      f"expected one of {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
 
 
 def parse_labels(data: bytes, where: str) -> tuple[list[str], int | None]:
-    """``(label names, source index or None)`` from a sample's JSON; ``ValueError`` naming ``where``."""
+    """``(label names, source index or None)`` from a sample's JSON; :class:`ShardError` naming ``where``."""
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{where}: not valid JSON ({err})") from None
+        raise ShardError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ShardError(f"{where}: not valid JSON (nested too deeply)") from None
     labels = obj.get("labels") if isinstance(obj, dict) else None
     if not isinstance(labels, list) or not all(isinstance(t, str) for t in labels):
-        raise ValueError(f'{where}: expected {{"labels": ["<name>", ...], "index": <int>}}, got {str(obj)[:200]}')
+        raise ShardError(f'{where}: expected {{"labels": ["<name>", ...], "index": <int>}}, got {str(obj)[:200]}')
     index = obj.get("index")
     return labels, index if isinstance(index, int) and not isinstance(index, bool) else None
 
 
-def _read_json(path: Path) -> dict:
+def _plain_name_error(obj: dict) -> str | None:
+    """Why an index's names are refused (a reader would open, an overwrite delete, other files), or None."""
+    for k, s in enumerate(obj["shards"]):
+        name = s["name"]
+        if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or os.path.isabs(name):
+            return f"shards[{k}] names {short_repr(name)}, not a plain file name in its folder (no '/' or '..')"
+    return None
+
+
+def _read_json(path: Path, check_names: bool = True) -> dict:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
     ok = isinstance(obj, dict) and obj.get("format") == FORMAT and isinstance(obj.get("shards"), list)
     ok = ok and isinstance(obj.get("classes"), list) and all(isinstance(c, str) for c in obj["classes"])
     ok = ok and all(isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("samples"), int)
@@ -134,6 +161,9 @@ def _read_json(path: Path) -> dict:
     if not ok or not obj["shards"]:
         raise ValueError(f"{path}: not a shard index (expected format '{FORMAT}', classes and a non-empty "
                          'shards list of {"name", "samples"}; hvpmtl data shard writes one)')  # fmt: skip
+    bad = _plain_name_error(obj) if check_names else None
+    if bad:
+        raise ValueError(f"{path}: {bad}")
     return obj
 
 
@@ -194,6 +224,7 @@ def _scan_pattern(paths: list[Path], spec: str, key: str, classes: Sequence[str]
         labels[s] = []
         with open(path, "rb") as f:
             for k, exts in members:
+                image_member(path, k, exts)  # here, before a run starts, rather than when the stream reaches it
                 if "json" not in exts:
                     raise ValueError(f"{key}: {path}: sample '{k}' has no .json member (its labels)")
                 f.seek(exts["json"][0])
@@ -279,6 +310,19 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def _own_shards(index_file: Path) -> list[Path]:
+    """The files an index being replaced lists that are this module's shards (``<prefix>-NNNNNN.tar``):
+    the only ones deleted after an overwrite. An index naming files outside its folder is refused."""
+    try:
+        obj = _read_json(index_file, check_names=False)
+    except ValueError:
+        return []  # not a shard index: nothing it names is deleted
+    bad = _plain_name_error(obj)
+    if bad:
+        raise ValueError(f"{index_file}: {bad}; refusing to overwrite (remove it to write new shards here)")
+    return [index_file.parent / s["name"] for s in obj["shards"] if _OWN_NAME.fullmatch(s["name"])]
+
+
 def write_shards(
     dataset,
     out: str | Path,
@@ -295,7 +339,9 @@ def write_shards(
 
     ``image_format``: ``auto`` (copy JPEG/PNG source files, encode the rest as PNG), ``png`` or
     ``jpg``. Images a source skips (``data.on_bad_image=skip``) are left out and counted in the
-    returned index's ``skipped``. ``overwrite`` replaces an earlier index and its shards.
+    returned index's ``skipped``. ``overwrite`` replaces an earlier index and its shards (of the
+    files it lists, only ``<prefix>-NNNNNN.tar`` ones are deleted), or ``<prefix>-*.tar`` files
+    without an index (another tool's?), which are refused otherwise.
     """
     if image_format not in ("auto", "png", "jpg"):
         raise ValueError(f"image_format={image_format!r}: choose auto, png or jpg")
@@ -311,11 +357,12 @@ def write_shards(
     if index_file.exists():
         if not overwrite:
             raise FileExistsError(f"{index_file} exists (pass --overwrite to replace those shards)")
-        try:
-            old = [out / s["name"] for s in _read_json(index_file)["shards"]]
-        except ValueError:
-            old = []
+        old = _own_shards(index_file)
         index_file.unlink()  # no index may list shards being rewritten
+    elif not overwrite and (found := sorted(out.glob(f"{prefix}-*.tar"))):
+        more = f" and {len(found) - 1} more {prefix}-*.tar files" if len(found) > 1 else ""
+        raise FileExistsError(f"{out} holds {found[0].name}{more} but no {INDEX_NAME}: files of another tool? "
+                              "(pass --overwrite to replace them)")  # fmt: skip
     classes, n = list(dataset.classes), len(dataset)
     order = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
     width = max(8, len(str(n - 1)))

@@ -6,6 +6,11 @@ position, scale and rotation; later objects occlude earlier ones. Image ``i`` is
 of ``(seed, stream, i)``: it is drawn on the fly from its own numpy ``Generator``, so a data set
 of a million images costs nothing until read. Per-object boxes and visible-pixel masks are kept
 for detection and segmentation work.
+
+``tags="attributes"`` names each object by its shape, colour and texture instead (``"red stripes
+circle"``: 10 x 6 x 4 = 240 tags), and draws the tags of an image from a Zipf law (a fixed
+ranking, probability ~ 1 / rank), so that a few tags are common and most are rare, as in web-scale
+tag sets; the default ``tags="shapes"`` keeps the 10 shape classes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,29 @@ CLASSES = ("circle", "square", "triangle", "cross", "ring", "star", "diamond", "
 _HUES = (0, 200, 110, 40, 280, 60, 170, 320, 350, 230)
 _TEXTURES = ("solid", "stripes", "checker", "dots", "radial", "solid", "checker", "stripes", "radial", "dots")
 _MIN_VISIBLE = 0.5  # an object with less of its area visible is removed (with its tag)
+TAG_SETS = ("shapes", "attributes")
+# tags="attributes": hue (degrees) of each colour name, 60 degrees apart so that names stay apart
+ATTRIBUTE_COLOURS = {"red": 0, "yellow": 60, "green": 120, "cyan": 180, "blue": 240, "magenta": 300}
+ATTRIBUTE_TEXTURES = ("solid", "stripes", "checker", "dots")
+_ZIPF_EXPONENT = 1.0  # tag of rank r drawn with probability ~ r ** -1: 240 tags span a 240x range
+_RANKING_SEED = 20_240  # fixes which attribute tags are common, the same for every data.seed
+
+
+def attribute_tags() -> list[tuple[str, int, str, int]]:
+    """``(name, shape index, texture, hue)`` of each ``tags="attributes"`` tag, in vocabulary order."""
+    return [
+        (f"{colour} {texture} {shape}", k, texture, hue)
+        for k, shape in enumerate(CLASSES)
+        for colour, hue in ATTRIBUTE_COLOURS.items()
+        for texture in ATTRIBUTE_TEXTURES
+    ]
+
+
+def zipf_probabilities(n: int, exponent: float = _ZIPF_EXPONENT, seed: int = _RANKING_SEED) -> np.ndarray:
+    """Probability of each of ``n`` tags: ``rank ** -exponent`` (normalised), ranks a seeded permutation."""
+    ranks = np.random.default_rng(seed).permutation(n) + 1
+    p = ranks.astype(np.float64) ** -exponent
+    return p / p.sum()
 
 
 def _polygon(u: np.ndarray, v: np.ndarray, sides: int, apothem: float, phase: float) -> np.ndarray:
@@ -80,7 +108,7 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
     return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def scene_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """``H x W x 3`` float background: linear gradient, smooth noise or stripes."""
     c0, c1 = (_hsv(rng.random(), rng.uniform(0, 0.5), rng.uniform(0.2, 0.9)) for _ in range(2))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -128,6 +156,8 @@ class SyntheticScenes(Dataset):
         label_noise: rate ``r`` of :func:`noisy_labels`; 0 gives the clean tags.
         min_objects, max_objects: objects per image (distinct classes).
         scale: object diameter range as fractions of ``img_size``.
+        tags: ``shapes`` (10 tags, a class per shape) or ``attributes`` (240 shape x colour x
+            texture tags, Zipf-distributed; see the module docstring).
 
     Items are dicts: ``image`` uint8 ``3 x H x W``, ``labels`` float ``C`` (noisy if asked),
     ``clean_labels`` float ``C``, ``boxes`` float ``N x 4`` (xyxy pixels, the tight box of the
@@ -147,21 +177,36 @@ class SyntheticScenes(Dataset):
         min_objects: int = 1,
         max_objects: int = 4,
         scale: tuple[float, float] = (0.25, 0.5),
+        tags: str = "shapes",
     ):
-        if not 1 <= min_objects <= max_objects <= len(CLASSES):
-            raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(CLASSES)}")
+        if tags not in TAG_SETS:
+            raise ValueError(f"tags='{tags}' unknown (choose from {', '.join(TAG_SETS)})")
+        self.tags = tags
+        self._attributes = attribute_tags() if tags == "attributes" else None
+        self.classes = [a[0] for a in self._attributes] if self._attributes else list(CLASSES)
+        if not 1 <= min_objects <= max_objects <= len(self.classes):
+            raise ValueError(f"need 1 <= min_objects <= max_objects <= {len(self.classes)}")
         if not 0.0 <= label_noise < 1.0:
             raise ValueError(f"label_noise={label_noise} must be in [0, 1)")
         self.size, self.img_size, self.seed, self.stream = size, img_size, seed, stream
         self.label_noise = label_noise
         self.min_objects, self.max_objects, self.scale = min_objects, max_objects, scale
-        self.num_classes = len(CLASSES)
+        self.num_classes = len(self.classes)
+        # tags="shapes" draws classes uniformly (None keeps the generator's calls as they always were)
+        self.tag_probabilities = zipf_probabilities(self.num_classes) if self._attributes else None
 
     def __len__(self) -> int:
         return self.size
 
     def _rng(self, index: int, purpose: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.stream, index, purpose])
+
+    def _look(self, tag: int) -> tuple[int, float, str]:
+        """Shape index, hue (degrees) and texture of an object tagged ``tag``."""
+        if self._attributes:
+            _, k, texture, hue = self._attributes[tag]
+            return k, hue, texture
+        return tag, _HUES[tag], _TEXTURES[tag]
 
     def _place(self, rng: np.random.Generator, n: int) -> list[tuple[float, float, float]]:
         """Centres and radii with limited overlap (rejection sampling, then accept)."""
@@ -177,9 +222,12 @@ class SyntheticScenes(Dataset):
 
     def _draw(self, index: int) -> tuple[np.ndarray, list[int], list[np.ndarray]]:
         rng, S = self._rng(index, 0), self.img_size
-        img = _background(rng, S)
+        img = scene_background(rng, S)
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
-        ks = rng.choice(len(CLASSES), size=n, replace=False).tolist()
+        if self.tag_probabilities is None:
+            ks = rng.choice(len(CLASSES), size=n, replace=False).tolist()
+        else:
+            ks = rng.choice(self.num_classes, size=n, replace=False, p=self.tag_probabilities).tolist()
         owner = np.full((S, S), -1, dtype=np.int64)
         areas = []
         for j, (k, (cx, cy, r)) in enumerate(zip(ks, self._place(rng, n))):
@@ -189,10 +237,11 @@ class SyntheticScenes(Dataset):
             a = rng.uniform(0, 2 * np.pi)
             du, dv = (xx + 0.5 - cx) / r, (yy + 0.5 - cy) / r
             u, v = np.cos(a) * du + np.sin(a) * dv, -np.sin(a) * du + np.cos(a) * dv
-            shape = _shape(k, u, v)
-            c0 = _hsv(_HUES[k] / 360 + rng.uniform(-0.03, 0.03), rng.uniform(0.65, 1), rng.uniform(0.6, 1))
+            form, hue, texture = self._look(k)
+            shape = _shape(form, u, v)
+            c0 = _hsv(hue / 360 + rng.uniform(-0.03, 0.03), rng.uniform(0.65, 1), rng.uniform(0.6, 1))
             c1 = c0 * rng.uniform(0.45, 0.7)
-            w = _texture(_TEXTURES[k], u, v, rng)[..., None]
+            w = _texture(texture, u, v, rng)[..., None]
             patch = img[y0:y1, x0:x1]
             patch[shape] = (c0 + w * (c1 - c0))[shape]
             owner[y0:y1, x0:x1][shape] = j

@@ -46,13 +46,26 @@ class RandAugment(v2.RandAugment):
     ``rand-m9-mstd0.5``: ``magnitude`` in [0, 10] is that fraction of each op's maximum (9: 90 %,
     27 degrees of rotation), drawn per image from ``N(magnitude, magnitude_std)`` and clipped to
     [0, 10]. (torchvision's own scale is 31 bins, where 9 means 30 %.) The ops and their maxima
-    are torchvision's."""
+    are torchvision's. Each chosen op runs with probability ``op_prob`` (timm's policy: 0.5;
+    1.0, torchvision's, runs both and draws nothing more). The magnitude is drawn once per call,
+    so the ops of one view share it (timm draws it per op: the same distribution per op)."""
 
     LEVELS = 100  # magnitude resolution: 0.1 on the 0-10 scale
 
-    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5):
+    def __init__(self, num_ops: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, op_prob: float = 1.0):
         super().__init__(num_ops, magnitude=0, num_magnitude_bins=self.LEVELS + 1)
         self.level, self.level_std = float(magnitude), float(magnitude_std)
+        self.op_prob = float(op_prob)
+
+    def skips_op(self) -> bool:
+        """Whether the op just chosen is left out (probability ``1 - op_prob``); draws only when
+        ``op_prob < 1``, so the default keeps torchvision's random stream."""
+        return self.op_prob < 1.0 and float(torch.rand(())) >= self.op_prob
+
+    def _apply_image_or_video_transform(self, image, transform_id, magnitude, interpolation, fill):
+        if self.skips_op():
+            return image
+        return super()._apply_image_or_video_transform(image, transform_id, magnitude, interpolation, fill)
 
     def forward(self, *inputs):
         level = self.level
@@ -69,7 +82,8 @@ class TwoViewTransform:
     -> rotation (uniform in ``[-rotation, rotation]`` degrees) -> colour jitter (brightness,
     contrast, saturation ``color_jitter``, hue ``color_jitter / 4``, prob ``color_jitter_prob``)
     -> :class:`RandAugment` (``rand_augment_ops``, ``rand_augment_magnitude`` on timm's 0-10 scale,
-    ``rand_augment_magnitude_std``) -> float -> normalise. A strength of 0 (or
+    ``rand_augment_magnitude_std``, each op run with probability ``rand_augment_op_prob``) -> float
+    -> normalise. A strength of 0 (or
     ``rand_augment=False``) leaves that step out. Randomness comes from the global torch RNG; seed
     it (as :class:`PretrainViews` does) for reproducible views.
     """
@@ -89,6 +103,7 @@ class TwoViewTransform:
         rand_augment_ops: int = 2,
         rand_augment_magnitude: float = 9.0,
         rand_augment_magnitude_std: float = 0.5,
+        rand_augment_op_prob: float = 1.0,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
@@ -102,7 +117,7 @@ class TwoViewTransform:
             steps.append(v2.RandomApply([v2.ColorJitter(s, s, s, min(s / 4, 0.5))], p=color_jitter_prob))
         if rand_augment:
             magnitude, noise = rand_augment_magnitude, rand_augment_magnitude_std
-            steps.append(RandAugment(rand_augment_ops, magnitude, noise))
+            steps.append(RandAugment(rand_augment_ops, magnitude, noise, rand_augment_op_prob))
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
         self.view = v2.Compose(steps)
         self.masks = MaskGenerator(img_size, mask_patch_size, mask_ratio)

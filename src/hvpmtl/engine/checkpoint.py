@@ -315,10 +315,14 @@ def restore(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer | Non
 # exported weights
 
 
-def export_weights(run_dir: str | Path, model: nn.Module, config: dict, env: DistEnv) -> dict[str, Path]:
-    """Write ``model.safetensors`` (student + teacher), ``backbone.safetensors`` (the student's
-    timm backbone with timm's own keys; load with :func:`load_backbone`) and, when the run has an
-    EMA teacher, ``teacher_backbone.safetensors`` (the teacher's, same format). Collective."""
+def export_weights(
+    run_dir: str | Path, model: nn.Module, config: dict, env: DistEnv, class_names: list[str] | None = None
+) -> dict[str, Path]:
+    """Write ``model.safetensors`` (student + teacher; the ``class_names`` of its logits in the
+    metadata), ``backbone.safetensors`` (the student's timm backbone with timm's own keys; load with
+    :func:`load_backbone`) and, when the run has an EMA teacher, ``teacher_backbone.safetensors``
+    (the teacher's, same format), each also as a timm ``local-dir:`` folder with its preprocessing
+    (``timm/``, ``timm_teacher/``; :mod:`hvpmtl.backbones.timm_config`). Collective."""
     from safetensors.torch import save as st_save
 
     inner = unwrap(model)
@@ -328,6 +332,8 @@ def export_weights(run_dir: str | Path, model: nn.Module, config: dict, env: Dis
     run_dir = Path(run_dir)
     tensors = {k: v.detach().contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}
     meta = {"format": "hvpmtl", "iteration": str(getattr(inner, "iteration", 0)), "config": json.dumps(config)}
+    if class_names is not None:
+        meta["class_names"] = json.dumps(list(class_names))
     bcfg = config.get("backbone", {})
     paths = {"model": run_dir / "model.safetensors"}
     atomic_write(paths["model"], lambda f: f.write(st_save(tensors, metadata=meta)))
@@ -340,6 +346,9 @@ def export_weights(run_dir: str | Path, model: nn.Module, config: dict, env: Dis
                  "part": part, "iteration": meta["iteration"]}  # fmt: skip
         paths[name] = run_dir / f"{name}.safetensors"
         atomic_write(paths[name], lambda f, b=backbone, m=bmeta: f.write(st_save(b, metadata=m)))
+    from hvpmtl.backbones.timm_config import write_timm_folders
+
+    paths.update(write_timm_folders(run_dir, paths, config))  # timm/, timm_teacher/: local-dir folders
     return paths
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hvpmtl.reprs import short_repr
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 STRATEGIES = ("ddp", "fsdp")
 BACKENDS = ("auto", "nccl", "gloo")
@@ -16,7 +18,7 @@ def _checker(obj, prefix: str):
     def check(ok: bool, name: str, why: str) -> None:
         if not ok:
             key = f"{prefix}.{name}" if prefix else name
-            raise ValueError(f"{key}={getattr(obj, name)!r}: {why}")
+            raise ValueError(f"{key}={short_repr(getattr(obj, name))}: {why}")
 
     return check
 

@@ -10,6 +10,7 @@ FSDP it is sharded like the student so that the EMA update is a local op on matc
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -182,9 +183,7 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str = "ddp", sync_bn: b
     if strategy == "ddp":
         ids = [env.device.index] if env.device.type == "cuda" else None
         unused = getattr(model, "has_unused_parameters", True)
-        return nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, find_unused_parameters=unused, forward_sync_buffers=False
-        )
+        return ddp_without_buffer_sync(model, device_ids=ids, find_unused_parameters=unused)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -193,6 +192,29 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str = "ddp", sync_bn: b
         fully_shard(model)
         return model
     raise ValueError(f"dist.strategy: unknown '{strategy}' (choose ddp or fsdp)")
+
+
+def ddp_has_forward_sync_buffers() -> bool:
+    """Whether this torch's DDP takes ``forward_sync_buffers`` (torch >= 2.13)."""
+    return "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+
+
+def ddp_without_buffer_sync(model: nn.Module, **kwargs) -> nn.parallel.DistributedDataParallel:
+    """DDP that syncs buffers once, from rank 0 at wrap time, and never in ``forward``.
+
+    The buffers (global BatchNorm statistics, SwAV's queue) stay equal on every process through
+    their own collectives, so a broadcast before every forward would be a wasted one. torch >= 2.13
+    says this with ``forward_sync_buffers=False``; earlier releases only have
+    ``broadcast_buffers=False``, which also skips the wrap-time sync, so that sync is done here:
+    the same behaviour on every release the package accepts.
+    """
+    ddp_cls = nn.parallel.DistributedDataParallel
+    if ddp_has_forward_sync_buffers():
+        return ddp_cls(model, forward_sync_buffers=False, **kwargs)
+    wrapped = ddp_cls(model, broadcast_buffers=False, **kwargs)
+    for buf in model.buffers():  # parameters were synced by DDP itself
+        dist.broadcast(buf.data, src=0)
+    return wrapped
 
 
 def unwrap(model: nn.Module) -> nn.Module:

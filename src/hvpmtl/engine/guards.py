@@ -22,15 +22,20 @@ HINT = "lower optim.lr, use train.precision=fp32, or check the data"
 
 
 class BufferSnapshot:
-    """Copies of a module's buffers, taken at construction; :meth:`restore` writes them back."""
+    """Copies of a module's buffers, taken at construction; :meth:`restore` writes them back.
+    A submodule that keeps a host copy of a buffer (SwAV's queue fill count, read without a
+    device sync) gets it back too: through its ``host_state()`` / ``set_host_state(state)``."""
 
     def __init__(self, module: nn.Module):
         self.saved = [(b, b.detach().clone()) for b in module.buffers()]
+        self.host = [(m, m.host_state()) for m in module.modules() if hasattr(m, "host_state")]
 
     @torch.no_grad()
     def restore(self) -> None:
         for buffer, saved in self.saved:
             buffer.copy_(saved)
+        for module, state in self.host:
+            module.set_host_state(state)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

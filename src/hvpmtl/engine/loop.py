@@ -1,7 +1,8 @@
 """The pre-training loop: AdamW, per-step schedules, clipping, accumulation, AMP, EMA teacher.
 
 One optimiser step (paper Sec. 3.3, SimMIM's clip, ALBEF's EMA): for each of ``accum_steps``
-micro-batches, forward under autocast and backward; clip the global gradient norm; if the loss
+micro-batches, forward under autocast and backward; ``model.before_step()`` (SwAV's frozen
+prototypes lose their gradient); clip the global gradient norm; if the loss
 and the gradient are finite, step AdamW and then the EMA teacher (``model.after_step()``),
 otherwise skip both, put the buffers back (BatchNorm statistics) and count the step. Per-step
 values stay on the device and are read back once per ``train.log_every`` steps; the only
@@ -42,6 +43,7 @@ from hvpmtl.engine.loggers import check_loggers
 from hvpmtl.engine.metrics import MetricsLogger, format_summary, read_metrics, summarize
 from hvpmtl.engine.optim import build_optimizer
 from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
+from hvpmtl.engine.vocabulary import check_resume_classes, write_classes_file
 
 
 class NonFiniteLossError(RuntimeError):
@@ -99,6 +101,7 @@ class Trainer:
         self.dataset = build_pretrain_dataset(cfg, "train")
         if cfg.data.num_classes is None:
             cfg.data.num_classes = len(self.dataset.classes)
+        self.class_names = list(getattr(self.dataset, "classes", None) or []) or None  # logit k = class_names[k]
         torch.manual_seed(t.seed)  # the initial weights depend on train.seed only
         # a new run starts from backbone.pretrained / pretrained_file / init_from; a resumed one from its checkpoint
         model = hvpmtl.build(cfg, cfg.data.num_classes, init_weights=ckpt_path is None).to(env.device)
@@ -156,7 +159,14 @@ class Trainer:
         overwrite, t.overwrite = t.overwrite, False  # a one-off: the saved config must not carry it
         if env.is_main:
             run_io.open_run_dir(self.run_dir, overwrite)
+            if overwrite:  # finetune-*/ detect-*/ segment-*/ trained from the weights being replaced
+                from hvpmtl.eval.identity import remove_downstream_runs
+
+                if gone := remove_downstream_runs(self.run_dir):
+                    print(f"train.overwrite=true: removed the replaced run's downstream folders: {', '.join(gone)}")
             save_config(cfg, self.run_dir / "config.yaml")
+            if self.class_names is not None:
+                write_classes_file(self.run_dir, self.class_names)
             run_io.record_environment(self.run_dir, self.step, run_io.environment(env.world_size, env.device))
         barrier(env)
         self.logger = MetricsLogger(
@@ -173,10 +183,14 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state, self._resume_state = self._resume_state or ckpt_io.load_checkpoint(path), None
+        warning = check_resume_classes(state.get("class_names"), self.class_names, path)  # ValueError if other
+        if warning and self.env.is_main:
+            print(warning)
         changed = run_io.changed_config_keys(state.get("config", {}), to_dict(self.cfg))
         ckpt_io.check_fits(state["model"], self.model, path, changed)
         if changed and self.env.is_main:
-            print(f"warning: resuming {path} with a changed config: {', '.join(changed)}")
+            changes = run_io.describe_changes(state.get("config", {}), to_dict(self.cfg), changed)
+            print(f"warning: resuming {path} with a changed config: {changes}")
         ckpt_io.restore(state, self.model, self.optimizer, self.scaler, self.env)
         self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
         self.bad_streak = int(state.get("bad_streak", 0))
@@ -188,7 +202,7 @@ class Trainer:
         spe = self.sampler.steps_per_epoch
         loop_state = {
             "step": self.step, "epoch": self.step // spe, "step_in_epoch": self.step % spe,
-            "skipped_steps": self.skipped, "bad_streak": self.bad_streak,
+            "skipped_steps": self.skipped, "bad_streak": self.bad_streak, "class_names": self.class_names,
         }  # fmt: skip
         ckpt_io.save_checkpoint(path, self.model, self.optimizer, self.scaler, loop_state, to_dict(self.cfg), self.env)
         if self.env.is_main:
@@ -243,6 +257,7 @@ class Trainer:
                 (self.scaler.scale(loss) if self.scaler else loss).backward()  # outside autocast
             values += torch.stack([out[k].detach().float() for k in self.keys]) * factors
             bad += (~torch.isfinite(loss.detach())).float()
+        self.inner.before_step()  # e.g. SwAV's frozen prototypes: no gradient, so no AdamW step
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.inner.parameters() if p.grad is not None]
@@ -361,7 +376,7 @@ class Trainer:
             elif self.env.is_main:
                 last_ckpt = ckpt_io.find_latest(self.run_dir)
             seconds = time.perf_counter() - start
-            paths = ckpt_io.export_weights(self.run_dir, self.model, to_dict(self.cfg), self.env)
+            paths = ckpt_io.export_weights(self.run_dir, self.model, to_dict(self.cfg), self.env, self.class_names)
         finally:
             self.logger.close()
         images = (self.step - start_step) * self.cfg.data.batch_size

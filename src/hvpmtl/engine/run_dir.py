@@ -35,8 +35,9 @@ from hvpmtl.engine.distributed import DistEnv, broadcast_object
 LOCK_NAME = ".lock"
 ENVIRONMENT = "environment.jsonl"  # one line per start of the run: versions, device, threads
 OUTPUTS = ("config.yaml", "metrics.csv", "model.safetensors", "backbone.safetensors", "teacher_backbone.safetensors",
+           "timm", "timm_teacher",  # backbones/timm_config.py
            ckpt_io.CKPT_DIR, "tb", "trackers.json", "wandb", "pictures", SKIPPED_LIST, SKIPPED_PARTS, "eval.csv",
-           ENVIRONMENT)  # fmt: skip
+           ENVIRONMENT, "classes.json", "identity.json")  # fmt: skip  (vocabulary.py, eval/identity.py)
 FINISHED = ("model.safetensors", "backbone.safetensors")  # written only by a run that ended well
 BAD_SUFFIX = ".bad"
 _TMP_RE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temporary files
@@ -271,10 +272,28 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# train.* keys that define the schedule or the random streams of a run; the other train.* keys
+# (resume, overwrite, output_dir, progress, device, logging and checkpoint cadence) change by design
+SCHEDULE_KEYS = ("train.epochs", "train.max_steps", "train.accum_steps", "train.seed")
+
+
 def changed_config_keys(saved: dict, current: dict) -> list[str]:
-    """Dotted keys (``train.*`` aside) whose value differs between a checkpoint's config and this run's."""
+    """Dotted keys whose value differs between a checkpoint's config and this run's: every key
+    outside ``train.*``, and the :data:`SCHEDULE_KEYS` of ``train.*``."""
     old, new = _flat(saved), _flat(current)
-    return sorted(k for k in new if k in old and old[k] != new[k] and not k.startswith("train."))
+    return sorted(k for k in new if k in old and old[k] != new[k] and
+                  (not k.startswith("train.") or k in SCHEDULE_KEYS))  # fmt: skip
+
+
+def describe_changes(saved: dict, current: dict, keys: list[str]) -> str:
+    """``"key old -> new, ..."`` for the resume warning (long values cut to 40 characters)."""
+    old, new = _flat(saved), _flat(current)
+
+    def short(value) -> str:
+        text = str(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return ", ".join(f"{k} {short(old.get(k))} -> {short(new.get(k))}" for k in keys)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ fine-tuning, Mask R-CNN 1x, UperNet 160k); the CPU presets shrink them to minute
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from hvpmtl.data.config import DataConfig
@@ -173,7 +173,54 @@ def _finetune_optim() -> OptimConfig:
 
 
 def _finetune_train() -> TrainConfig:
-    return TrainConfig(epochs=100, output_dir="", log_every=20, ckpt_every=1000, resume="auto")
+    return TrainConfig(epochs=100, output_dir="", log_every=20, ckpt_every=1000, resume="auto", grad_share_every=0)
+
+
+# Keys of the shared blocks that the downstream loop (hvpmtl.eval.trainer) does not read, and why: a value
+# other than the command's default stops finetune, detect and segment instead of being ignored
+LOOP_IGNORES = {
+    "train.compile": "the downstream loop does not compile",
+    "train.loggers": "the downstream loop writes metrics.csv and TensorBoard, nothing else",
+    "train.wandb": "the downstream loop has no wandb logger",
+    "train.mlflow": "the downstream loop has no MLflow logger",
+    "train.grad_share_every": "the downstream loop does not measure gradient shares",
+    "train.pictures_every": "the downstream loop draws no pictures",
+    "train.pictures_count": "the downstream loop draws no pictures",
+    "optim.impl": "the downstream loop uses AdamW fused on CUDA, foreach elsewhere",
+    "optim.weight_decay_end": "the downstream loop keeps the weight decay constant",
+    "dist.strategy": "the downstream loop always uses DDP",
+}
+
+
+def _text(value) -> str:
+    """A value as it is written on the command line (``true``, ``[wandb]``, ``fsdp``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_text(v) for v in value) + "]"
+    return str(value)
+
+
+def _differences(value, default, key: str) -> list[tuple[str, object]]:
+    """``(dotted key, value)`` of each leaf of ``value`` (a dataclass block or a value) that differs."""
+    if is_dataclass(value):
+        return [d for f in fields(value) for d in
+                _differences(getattr(value, f.name), getattr(default, f.name), f"{key}.{f.name}")]  # fmt: skip
+    return [] if value == default else [(key, value)]
+
+
+def check_loop_keys(cfg, command: str, prefix: str = "") -> None:
+    """Raise ``ValueError`` (one line) for the first key of :data:`LOOP_IGNORES` that differs from
+    ``command``'s default: set, but the downstream loop would ignore it."""
+    default = type(cfg)()
+    for key, why in LOOP_IGNORES.items():
+        block, name = key.split(".")
+        got = getattr(getattr(cfg, block), name)
+        for dotted, value in _differences(got, getattr(getattr(default, block), name), key):
+            where = f"{prefix}.{dotted}" if prefix else dotted
+            raise ValueError(f"{where}={_text(value)} has no effect in {command} ({why}); remove it")
 
 
 @dataclass
@@ -182,13 +229,18 @@ class FinetuneRunConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     eval_split: str = "val"
+    train_images: int = 0  # train on the first N images of the train split; 0 = all
+    eval_images: int = 0  # evaluate on the first N images of the evaluation split; 0 = all
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     optim: OptimConfig = field(default_factory=_finetune_optim)
     train: TrainConfig = field(default_factory=_finetune_train)
     dist: DistConfig = field(default_factory=DistConfig)
 
     def validate(self, prefix: str = "") -> None:
-        _checker(self, prefix)(self.eval_split in ("val", "test"), "eval_split", "choose val or test")
+        check = _checker(self, prefix)
+        check(self.eval_split in ("val", "test"), "eval_split", "choose val or test")
+        check(self.train_images >= 0 and self.eval_images >= 0, "train_images", "must be >= 0 (0: all)")
+        check_loop_keys(self, "finetune", prefix)
 
 
 @dataclass
@@ -266,9 +318,12 @@ class DetectRunConfig:
     drop_path: float = 0.1
     optim: OptimConfig = field(default_factory=_detect_optim)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=12, output_dir="", log_every=20, resume="auto")
+        default_factory=lambda: TrainConfig(epochs=12, output_dir="", log_every=20, resume="auto", grad_share_every=0)
     )
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        check_loop_keys(self, "detect", prefix)
 
 
 def _segment_optim() -> OptimConfig:
@@ -286,9 +341,14 @@ class SegmentRunConfig:
     drop_path: float = 0.1
     optim: OptimConfig = field(default_factory=_segment_optim)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(epochs=1, max_steps=160000, output_dir="", log_every=20, resume="auto")
+        default_factory=lambda: TrainConfig(
+            epochs=1, max_steps=160000, output_dir="", log_every=20, resume="auto", grad_share_every=0
+        )
     )
     dist: DistConfig = field(default_factory=DistConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        check_loop_keys(self, "segment", prefix)
 
 
 ROOTS = {

@@ -32,8 +32,9 @@ from hvpmtl.data.coco import CocoInstances, export_coco
 from hvpmtl.data.views import SeededItems
 from hvpmtl.engine.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from hvpmtl.eval.config import DetectRunConfig
+from hvpmtl.eval.identity import run_identity
 from hvpmtl.eval.pyramid import SwinStages, build_dense_backbone, build_pyramid
-from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, train_downstream
+from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.weights import Weights
 
 __all__ = [
@@ -229,6 +230,8 @@ def coco_metrics(coco_gt, results: list[dict]) -> dict[str, float]:
 
     if not results:
         return dict.fromkeys(METRICS, 0.0)
+    # COCOeval turns ground-truth polygons into RLE in place; the data set reads the same dicts
+    coco_gt = copy.deepcopy(coco_gt)
     out = {}
     for iou_type, prefix, drop in (("bbox", "box", "segmentation"), ("segm", "mask", "bbox")):
         # one result set per kind (as torchvision's references): segm areas then come from the masks
@@ -303,6 +306,7 @@ def run_detect(cfg: DetectRunConfig, weights: Weights, run_dir: Path, env: DistE
     and at the end. Returns ``{"metrics", "train_images", "val_images", "steps", "seconds"}``.
     """
     start = time.perf_counter()
+    seed_all(cfg.train.seed)  # the new pyramid and heads: the same in every run of this config
     run_dir = Path(run_dir)
     d = cfg.detect
     root = Path(d.root) if d.root else run_dir / "coco-data"
@@ -312,6 +316,7 @@ def run_detect(cfg: DetectRunConfig, weights: Weights, run_dir: Path, env: DistE
         raise FileNotFoundError(f"detect.root: folder not found: {root}")
     train, val = CocoInstances(root, d.train_split), CocoInstances(root, d.val_split)
     task = detection_task(weights, cfg, train, val, env)
-    result = train_downstream(task, cfg, env, run_dir, cfg.data.batch_size, cfg.data.num_workers, d.eval_every)
+    result = train_downstream(task, cfg, env, run_dir, cfg.data.batch_size, cfg.data.num_workers, d.eval_every,
+                              identity=run_identity("detect", cfg, weights))  # fmt: skip
     return {"metrics": result.metrics, "train_images": len(train), "val_images": len(val), "steps": result.steps,
             "seconds": time.perf_counter() - start}  # fmt: skip

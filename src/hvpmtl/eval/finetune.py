@@ -23,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hvpmtl.data import EvalImages, EvalTransform, FashionMNISTItems, ImageFiles, SeededItems, build_dataset
 from hvpmtl.engine.distributed import DistEnv, all_gather_object
 from hvpmtl.eval.config import FinetuneRunConfig
+from hvpmtl.eval.identity import run_identity
 from hvpmtl.eval.metrics import multilabel_metrics, topk_accuracy
-from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, train_downstream
+from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.weights import Weights, load_into
 
 
@@ -97,6 +98,11 @@ def finetune_task(cfg: FinetuneRunConfig, weights: Weights, env: DistEnv) -> tup
     test_base = build_dataset(replace(cfg.data, label_noise=0.0), size, cfg.eval_split)
     multi = is_multi_label(train_base, cfg.finetune.multi_label)
     classes = len(train_base.classes)
+    # the first train_images / eval_images images, as knn and linprobe take them (0: all)
+    if 0 < cfg.train_images < len(train_base):
+        train_base = Subset(train_base, range(cfg.train_images))
+    if 0 < cfg.eval_images < len(test_base):
+        test_base = Subset(test_base, range(cfg.eval_images))
     model = build_classifier(weights, classes, cfg)
     model.has_unused_parameters = False
     f = cfg.finetune
@@ -146,9 +152,10 @@ def finetune_task(cfg: FinetuneRunConfig, weights: Weights, env: DistEnv) -> tup
 def run_finetune(cfg: FinetuneRunConfig, weights: Weights, run_dir: Path, env: DistEnv) -> dict:
     """Fine-tune and evaluate; ``{"metrics", "ema_metrics", "history", ...facts, "seconds"}``."""
     t0 = time.perf_counter()
+    seed_all(cfg.train.seed)  # the new head: the same in every run of this config
     task, facts = finetune_task(cfg, weights, env)
     ema = cfg.finetune.ema_decay if cfg.finetune.ema else None
     result = train_downstream(task, cfg, env, run_dir, cfg.data.batch_size, cfg.data.num_workers,
-                              cfg.finetune.eval_every, ema)  # fmt: skip
+                              cfg.finetune.eval_every, ema, run_identity("finetune", cfg, weights))  # fmt: skip
     return {"metrics": result.metrics, "ema_metrics": result.ema_metrics, "history": result.history,
             "steps": result.steps, **facts, "seconds": time.perf_counter() - t0}  # fmt: skip

@@ -30,11 +30,27 @@ def eval_images(data: DataConfig, img_size: int, split: str, limit: int = 0) -> 
     return EvalImages(base, EvalTransform(img_size, data.eval_crop_pct, data.mean, data.std))
 
 
+def _check_classes(train: Dataset, data: DataConfig) -> None:
+    """k-NN votes and probe scores rank classes against each other: one class is a usage error."""
+    base = getattr(train, "base", None)
+    base = base.dataset if isinstance(base, Subset) else base  # train_images=N: the first N of the split
+    classes = list(getattr(train, "classes", None) or getattr(base, "classes", None) or [])
+    if 0 < len(classes) < 2:
+        from hvpmtl.config import ConfigError
+        from hvpmtl.eval.report import data_label
+
+        raise ConfigError(
+            f"{data_label(data)}: the train split has 1 class ({classes[0]!r}); "
+            "knn and linprobe need at least 2 classes"
+        )
+
+
 def frozen_features(cfg: FeatureEvalConfig, weights: Weights, env: DistEnv, kind: str) -> dict:
     """Features and labels of both splits: ``{"train": (x, y), "test": (x, y), "seconds": s}``."""
     size = weights.backbone.img_size
     train = eval_images(cfg.data, size, "train", cfg.train_images)
     test = eval_images(cfg.data, size, cfg.eval_split, cfg.eval_images)
+    _check_classes(train, cfg.data)  # before the (long) feature extraction
     backbone = None if kind == "pixels" else build_masked_backbone(weights)
     r = cfg.run
     t0 = time.perf_counter()
@@ -52,12 +68,15 @@ def run_knn(cfg: FeatureEvalConfig, weights: Weights, env: DistEnv) -> dict:
 
     f = frozen_features(cfg, weights, env, cfg.knn.feature)
     (xtr, ytr), (xte, yte) = f["train"], f["test"]
+    k = min(cfg.knn.k, len(xtr))  # what knn_scores uses: results report this k, not the one asked for
     metrics = None
     if env.is_main:
-        metrics = knn_evaluate(xtr.to(env.device), ytr, xte, yte, cfg.knn.k, cfg.knn.temperature)
+        if k < cfg.knn.k:
+            print(f"warning: knn.k={cfg.knn.k} is larger than the bank ({len(xtr)} images): {k} neighbours vote")
+        metrics = knn_evaluate(xtr.to(env.device), ytr, xte, yte, k, cfg.knn.temperature)
     metrics = broadcast_object(metrics, env)
-    return {"metrics": metrics, "train_images": len(xtr), "eval_images": len(xte), "feature_dim": xtr.shape[1],
-            "seconds": f["seconds"]}  # fmt: skip
+    return {"metrics": metrics, "k": k, "train_images": len(xtr), "eval_images": len(xte),
+            "feature_dim": xtr.shape[1], "seconds": f["seconds"]}  # fmt: skip
 
 
 def run_linprobe(cfg: FeatureEvalConfig, weights: Weights, env: DistEnv) -> dict:

@@ -7,7 +7,9 @@ teacher's; the student's when the run has no teacher): a tag that is absent but 
 pair score (ties: lower index first). On the built-in data sets with ``data.label_noise`` > 0 the
 injected flips are known (``clean_labels``): precision@K, recall@K and average precision of the
 pair ranking measure how well the teacher finds them, against chance (the share of flipped pairs
-among the candidates: the precision of a random ranking).
+among the candidates: the precision of a random ranking). The data's tags are matched to the
+head's logits by name, and the head's own held-out mAP says whether the ranking can be trusted
+(:mod:`hvpmtl.eval.head_check`).
 
 >>> score, missing = pair_scores(torch.tensor([[0.75, 0.25]]), torch.tensor([[0.0, 1.0]]))
 >>> score.tolist(), missing.tolist()
@@ -21,6 +23,7 @@ import csv
 import html
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +33,10 @@ from torch.utils.data import DataLoader, Dataset
 from hvpmtl.data.config import DataConfig
 from hvpmtl.engine.config import _checker
 from hvpmtl.eval.config import RuntimeConfig
+from hvpmtl.eval.head_check import describe, head_check
 
 FILES = ("noise_report.csv", "noise_report.html", "noise_report.json")
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads such a cell as a formula
 
 
 @dataclass
@@ -150,12 +155,15 @@ class _TaggedImages(Dataset):
 
 
 @torch.no_grad()
-def head_probabilities(backbone, head, loader: DataLoader, device: torch.device, bf16: bool = False):
-    """MLC probabilities ``N x C`` with the given and clean tags and the image indices read."""
+def head_probabilities(backbone, head, loader: DataLoader, device: torch.device, bf16: bool = False,
+                       order: list[int] | None = None):  # fmt: skip
+    """MLC probabilities ``N x C`` with the given and clean tags and the image indices read;
+    ``order``: the logit of each data tag when the data lists the run's tags in another order."""
     probs, given, clean, index = [], [], [], []
     for x, y, yc, i in loader:
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             logits = head(backbone(x.to(device), None)[0])[0]
+        logits = logits if order is None else logits[:, order]
         probs.append(logits.float().sigmoid().cpu())
         given.append(y)
         clean.append(yc)
@@ -202,6 +210,12 @@ class Scored:
         self.flipped = (self.given != self.clean) if self.clean is not None else None
 
 
+def csv_cell(text: str) -> str:
+    """``text`` with a ``'`` in front when a spreadsheet would read it as a formula (OWASP's advice
+    against CSV injection: cells starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return)."""
+    return f"'{text}" if text[:1] in FORMULA_STARTS else text
+
+
 def csv_text(s: Scored, min_score: float) -> str:
     """Pairs with ``score >= min_score``, best first: rank, image, index, tag, given, p, kind, score,
     image_rank (the image's place in the per-image ranking), injected (when the clean tags are known)."""
@@ -218,8 +232,8 @@ def csv_text(s: Scored, min_score: float) -> str:
             break
         i, c = divmod(j, C)
         kind = "probably missing" if s.missing[i, c] else "probably wrong"
-        row = [rank, s.names[i], i, s.classes[c], int(s.given[i, c]), f"{probs[j]:.4f}", kind, f"{flat[j]:.4f}",
-               int(image_rank[i])]  # fmt: skip
+        row = [rank, csv_cell(s.names[i]), i, csv_cell(s.classes[c]), int(s.given[i, c]), f"{probs[j]:.4f}", kind,
+               f"{flat[j]:.4f}", int(image_rank[i])]  # fmt: skip
         w.writerow(row + ([int(s.flipped[i, c])] if s.flipped is not None else []))
     return buf.getvalue()
 
@@ -281,15 +295,17 @@ def html_text(s: Scored, thumbs: dict[int, str], top: int, min_score: float, tit
 
 
 def write_report(s: Scored, out_dir: Path, thumbs: dict[int, str], cfg: NoiseReportConfig, title: str,
-                 facts: list[str], table: list[dict] | None) -> dict[str, Path]:  # fmt: skip
-    """Write noise_report.csv / .html / .json atomically into ``out_dir``; their paths."""
+                 facts: list[str], table: list[dict] | None, check: dict | None = None) -> dict[str, Path]:  # fmt: skip
+    """Write noise_report.csv / .html / .json atomically into ``out_dir``; their paths. ``check``:
+    the head's held-out mAP against chance (:func:`hvpmtl.eval.head_check.head_check`)."""
     from hvpmtl.engine.checkpoint import atomic_write
 
     texts = {
         FILES[0]: csv_text(s, cfg.min_score),
         FILES[1]: html_text(s, thumbs, cfg.top, cfg.min_score, title, facts, table),
         FILES[2]: json.dumps({"title": title, "facts": facts, "head": s.head, "images": len(s.names),
-                              "min_score": cfg.min_score, "detection": table}, indent=2) + "\n",  # fmt: skip
+                              "min_score": cfg.min_score, "detection": table, "head_check": check},
+                             indent=2) + "\n",  # fmt: skip
     }
     paths = {}
     for name, text in texts.items():
@@ -310,7 +326,7 @@ def run_noise_report(source: str | Path, cfg: NoiseReportConfig, out_dir: str | 
     from hvpmtl.config import ConfigError
     from hvpmtl.data import EvalTransform, build_dataset
     from hvpmtl.engine.distributed import resolve_device
-    from hvpmtl.eval.heads import load_pretrained_model
+    from hvpmtl.eval.heads import head_order, load_pretrained_model
     from hvpmtl.eval.report import data_label
     from hvpmtl.eval.weights import WeightsError
 
@@ -331,17 +347,34 @@ def run_noise_report(source: str | Path, cfg: NoiseReportConfig, out_dir: str | 
     except ValueError as err:  # names the data.* key or the manifest line
         raise ConfigError(str(err)) from err
     classes = list(getattr(base, "classes", None) or [])
-    n_head = model.mlc.cls_bias.numel()
-    if len(classes) != n_head:
-        raise WeightsError(f"{source}: the MLC head has {n_head} classes, data.{cfg.data.dataset} {len(classes)}")
+    if not classes:
+        raise WeightsError(f"{source}: data.{cfg.data.dataset} names no tags to check")
+    order = head_order(model, classes, source)  # the data's tags mapped to the head's logits by name
     count = min(cfg.images, len(base)) if cfg.images else len(base)
     has_clean = "clean_labels" in base[0]
     d = cfg.data
     images = _TaggedImages(base, EvalTransform(size, d.eval_crop_pct, d.mean, d.std), count)
     loader = DataLoader(images, batch_size=cfg.run.batch_size, num_workers=cfg.run.num_workers)
-    probs, given, clean, index = head_probabilities(backbone, decoder, loader, device, cfg.run.precision == "bf16")
+    probs, given, clean, index = head_probabilities(backbone, decoder, loader, device, cfg.run.precision == "bf16",
+                                                    order)  # fmt: skip
     names = [image_name(base, int(i), cfg.split) for i in index]
     s = Scored(probs, given, clean if has_clean else None, names, classes, head)
+    check, why_not = None, ""  # the head's own mAP on held-out images (eval/head_check.py)
+    if cfg.split != "train":
+        check = head_check(probs, given, cfg.split)
+    else:
+        try:
+            held = build_dataset(cfg.data, size, "val")
+            held_order = head_order(model, list(getattr(held, "classes", None) or []), source)
+            n = min(cfg.images, len(held)) if cfg.images else len(held)
+            held_loader = DataLoader(_TaggedImages(held, images.transform, n), batch_size=cfg.run.batch_size,
+                                     num_workers=cfg.run.num_workers)  # fmt: skip
+            hp, hy, _, _ = head_probabilities(backbone, decoder, held_loader, device, cfg.run.precision == "bf16",
+                                              held_order)  # fmt: skip
+            check = head_check(hp, hy, "val")
+        except (ValueError, FileNotFoundError) as err:  # no val split, or one with other tags
+            why_not = f"no usable val split: {(str(err).splitlines() or [''])[0][:200]}"
+    trust_line, trust_warning = describe(check, why_not)
 
     table = None
     if s.flipped is not None and s.flipped.any():
@@ -355,12 +388,15 @@ def run_noise_report(source: str | Path, cfg: NoiseReportConfig, out_dir: str | 
         f"score = |given - p|: an absent tag with a high p is probably missing, a given tag with a low p "
         f"probably wrong; {int((s.score >= cfg.min_score).sum())} pairs score >= {cfg.min_score} (noise_report.csv)",
     ]
-    facts += notes
+    facts += [trust_line, *notes]
+    if trust_warning is not None:
+        facts.insert(0, trust_warning)
+        print(trust_warning, file=sys.stderr)
     if has_clean and table is None:
         facts.append("no injected label errors in these images (data.label_noise is 0, or the split is not train)")
     top = rank_images(s.score)[: cfg.top].tolist()
     thumbs = {i: thumbnail_png(base[int(index[i])]["image"], cfg.thumb_size) for i in top}
-    paths = write_report(s, Path(out_dir), thumbs, cfg, title, facts, table)
+    paths = write_report(s, Path(out_dir), thumbs, cfg, title, facts, table, check)
     for f in facts:
         log(f)
     if table is not None:

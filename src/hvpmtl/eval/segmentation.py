@@ -35,8 +35,9 @@ from torchvision.transforms import v2
 
 from hvpmtl.data.views import SeededItems
 from hvpmtl.engine.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+from hvpmtl.eval.identity import run_identity
 from hvpmtl.eval.pyramid import build_dense_backbone, build_pyramid
-from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, train_downstream
+from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.weights import Weights
 
 SCALE_RANGE = (0.5, 2.0)  # mmseg ADE20K: Resize(ratio_range=(0.5, 2.0)) around the crop size
@@ -297,6 +298,7 @@ def run_segment(cfg, weights: Weights, run_dir: Path, env: DistEnv) -> dict:
     from hvpmtl.data.ade import ADESegmentation
 
     start = time.perf_counter()
+    seed_all(cfg.train.seed)  # the new pyramid, decoder and head: the same in every run of this config
     s, run_dir = cfg.segment, Path(run_dir)
     root = Path(s.root) if s.root else run_dir / "ade-data"
     if not s.root:
@@ -311,6 +313,7 @@ def run_segment(cfg, weights: Weights, run_dir: Path, env: DistEnv) -> dict:
         raise ValueError(f"segment.num_classes=0 and no {root / 'classes.txt'}: set segment.num_classes (ADE20K: 150)")
     num_classes = s.num_classes or len(train.classes)
     task = segmentation_task(weights, cfg, train, val, num_classes, env)
-    result = train_downstream(task, cfg, env, run_dir, cfg.data.batch_size, cfg.data.num_workers, s.eval_every)
+    result = train_downstream(task, cfg, env, run_dir, cfg.data.batch_size, cfg.data.num_workers, s.eval_every,
+                              identity=run_identity("segment", cfg, weights))  # fmt: skip
     return {"metrics": result.metrics, "train_images": len(train), "val_images": len(val), "steps": result.steps,
             "seconds": time.perf_counter() - start}  # fmt: skip

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import copy
 import csv
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from hvpmtl.config import save_config, to_dict
+from hvpmtl.config import ConfigError, save_config, to_dict
 from hvpmtl.engine import checkpoint as ckpt_io
 from hvpmtl.engine import run_dir as run_io
 from hvpmtl.engine.distributed import (
@@ -39,6 +41,7 @@ from hvpmtl.engine.guards import BufferSnapshot, untrained_reason
 from hvpmtl.engine.metrics import MetricsLogger
 from hvpmtl.engine.sampler import GlobalBatchSampler
 from hvpmtl.engine.schedules import warmup_cosine, warmup_steps_for
+from hvpmtl.eval.identity import check_resume_identity, write_identity
 
 NOT_EVALUATED = "no final evaluation or checkpoint"
 
@@ -112,6 +115,14 @@ def _default_to_device(batch, device):
     return batch
 
 
+def seed_all(seed: int) -> None:
+    """Seed torch's, numpy's and Python's global RNGs (new heads, Mixup's numpy draws), so that a
+    run repeats whatever state the process's RNGs were in."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def _append_csv(path: Path, row: dict) -> None:
     new = not path.is_file()
     with open(path, "a", newline="") as f:
@@ -121,31 +132,49 @@ def _append_csv(path: Path, row: dict) -> None:
         writer.writerow(row)
 
 
+def _rewrite_csv(path: Path, rows: list[dict]) -> None:
+    """``path`` holding just ``rows`` (those of a resumed checkpoint's history)."""
+    path.unlink(missing_ok=True)
+    for row in rows:
+        _append_csv(path, row)
+
+
 def train_downstream(
     task: DownstreamTask, cfg, env: DistEnv, run_dir: Path, batch_size: int, num_workers: int = 1,
-    eval_every: int = 1, ema_decay: float | None = None,
+    eval_every: int = 1, ema_decay: float | None = None, identity: dict | None = None,
 ) -> DownstreamResult:  # fmt: skip
-    """Train ``task`` with ``cfg.optim``, ``cfg.train`` and ``cfg.dist`` (module docstring)."""
+    """Train ``task`` with ``cfg.optim``, ``cfg.train`` and ``cfg.dist`` (module docstring).
+    ``identity`` (:func:`hvpmtl.eval.identity.run_identity`: source weights and data) goes into
+    ``identity.json`` and every checkpoint; a resume whose identity differs is refused."""
     run_dir = Path(run_dir)
     try:
-        return _train(task, cfg, env, run_dir, batch_size, num_workers, eval_every, ema_decay)
+        return _train(task, cfg, env, run_dir, batch_size, num_workers, eval_every, ema_decay, identity)
     finally:
         run_io.unlock_run_dir(run_dir)
 
 
 def _train(
     task: DownstreamTask, cfg, env: DistEnv, run_dir: Path, batch_size: int, num_workers: int, eval_every: int,
-    ema_decay: float | None,
+    ema_decay: float | None, identity: dict | None = None,
 ) -> DownstreamResult:  # fmt: skip
     # the run folder as pre-training treats it: locked, a previous run refused unless train.resume
     # or train.overwrite, the newest good checkpoint resumed (damaged newer ones set aside)
-    ckpt_path, ckpt_state = run_io.choose_checkpoint(run_dir, cfg.train.resume, cfg.train.overwrite, env)
+    try:  # a usage error, one line at the command line, as pre-training's (folder in use, a previous run, ...)
+        ckpt_path, ckpt_state = run_io.choose_checkpoint(run_dir, cfg.train.resume, cfg.train.overwrite, env)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if ckpt_path is not None and identity is not None:  # other source weights or data: refused before any write
+        ckpt_state = ckpt_state or ckpt_io.load_checkpoint(ckpt_path)
+        if (warning := check_resume_identity(ckpt_state.get("identity"), identity, ckpt_path)) and env.is_main:
+            print(warning)
     cfg = copy.deepcopy(cfg)
     overwrite, cfg.train.overwrite = cfg.train.overwrite, False  # a one-off: the saved config must not carry it
     t, o = cfg.train, cfg.optim
     if env.is_main:
         run_io.open_run_dir(run_dir, overwrite)
         save_config(cfg, run_dir / "config.yaml")
+        if identity is not None:
+            write_identity(run_dir, identity)
     barrier(env)
     to_device = task.to_device or _default_to_device
     model = task.model.to(env.device)
@@ -154,7 +183,7 @@ def _train(
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=ema_decay)
-    torch.manual_seed(t.seed + env.rank)  # per-rank stream for dropout / drop path
+    seed_all(t.seed + env.rank)  # per-rank streams for dropout / drop path and Mixup
     wrapped = wrap_model(model, env, "ddp", cfg.dist.sync_bn)  # downstream models fit one device: DDP
     inner = unwrap(wrapped)
     groups = [g for g in task.param_groups if g["params"]]
@@ -183,13 +212,15 @@ def _train(
         changed = run_io.changed_config_keys(state.get("config", {}), to_dict(cfg))
         ckpt_io.check_fits(state["model"], wrapped, ckpt_path, changed)
         if changed and env.is_main:
-            print(f"warning: resuming {ckpt_path} with a changed config: {', '.join(changed)}")
+            changes = run_io.describe_changes(state.get("config", {}), to_dict(cfg), changed)
+            print(f"warning: resuming {ckpt_path} with a changed config: {changes}")
         ckpt_io.restore(state, wrapped, optimizer, scaler, env)
         step, skipped = int(state["step"]), int(state.get("skipped_steps", 0))
         history = list(state.get("history", []))
         if ema is not None and "ema" in state:
             ema.module.load_state_dict(state["ema"])
         if env.is_main:
+            _rewrite_csv(run_dir / "eval.csv", history)  # evaluations after the checkpoint are redone
             print(f"resumed {task.name} from {ckpt_path} at step {step}")
     if env.is_main:
         run_io.record_environment(run_dir, step, run_io.environment(env.world_size, env.device))
@@ -218,7 +249,7 @@ def _train(
         return metrics
 
     def save() -> None:
-        loop_state = {"step": step, "skipped_steps": skipped, "history": history}
+        loop_state = {"step": step, "skipped_steps": skipped, "history": history, "identity": identity}
         if ema is not None:
             loop_state["ema"] = copy.deepcopy(ema.module.state_dict())
         path = ckpt_io.checkpoint_path(run_dir, step)
@@ -292,7 +323,8 @@ def _train(
                         for (s, _, n), v in zip(pending, vals)
                     ])  # fmt: skip
                     pending.clear()
-                if step % t.ckpt_every == 0 and not done:
+                # an epoch's end is saved after its evaluation (below): a kill between them must not skip it
+                if step % t.ckpt_every == 0 and not done and step % spe != 0:
                     save()
                 if done:
                     break

@@ -92,6 +92,18 @@ def _from_checkpoint(path: Path, teacher: bool) -> tuple[dict, dict, str, str]:
     return state, ckpt.get("config", {}), f"step {ckpt.get('step', '?')}", "teacher" if teacher else "student"
 
 
+def metadata_json(meta: dict, key: str, path: Path) -> dict:
+    """The JSON object stored under ``key`` of a safetensors file's metadata (``{}`` if absent);
+    :class:`WeightsError` naming the file and key when it is not one."""
+    try:
+        value = json.loads(meta.get(key, "{}"))
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{path}: metadata '{key}' is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise WeightsError(f"{path}: metadata '{key}' is not a JSON object")
+    return value
+
+
 def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str, str]:
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
@@ -103,7 +115,7 @@ def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str, str]:
     except (SafetensorError, OSError) as err:
         raise WeightsError(f"{path}: not a readable safetensors file ({err})") from None
     if meta.get("format") == "hvpmtl":  # model.safetensors: student and teacher
-        config = json.loads(meta.get("config", "{}"))
+        config = metadata_json(meta, "config", path)
         return (
             _prefixed(state, TEACHER if teacher else STUDENT, str(path)),
             config,
@@ -117,7 +129,7 @@ def _from_safetensors(path: Path, teacher: bool) -> tuple[dict, dict, str, str]:
             "teacher_backbone.safetensors (or its model.safetensors)"
         )
     if "backbone_config" in meta:
-        return state, {"backbone": json.loads(meta["backbone_config"])}, "", part
+        return state, {"backbone": metadata_json(meta, "backbone_config", path)}, "", part
     raise WeightsError(
         f"{path}: no backbone config in its metadata (not written by hvpmtl); give the backbone with "
         "--config PRESET (pre-training preset) and this file as a timm state dict is not supported yet"
@@ -171,13 +183,27 @@ def resolve_weights(
         raise WeightsError(f"{path}: expected a run folder, a .pt checkpoint or a .safetensors file")
     if "backbone" not in config:
         raise WeightsError(f"{path}: no backbone config stored with the weights")
+    config_file = path
     if "train" not in config:  # a backbone file stores only its backbone: the run's config.yaml has the rest
         config = {**_run_config(run_dir), "backbone": config["backbone"]}
-    seed = int(config.get("train", {}).get("seed", 0))
+        config_file = run_dir / "config.yaml"
+    seed = _train_seed(config, config_file)
     if random_init:
         return Weights(_backbone_cfg(config["backbone"]), None, f"random init ({run_dir.name})", run_dir, config, seed)
     label = " ".join(x for x in (run_dir.name, part, when) if x)
     return Weights(_backbone_cfg(config["backbone"]), state, label, run_dir, config or None, seed, part)
+
+
+def _train_seed(config: dict, where: Path) -> int:
+    """``train.seed`` of a stored config (0 when absent); :class:`WeightsError` naming the file
+    and key when it is not an integer (an edited config.yaml)."""
+    train = config.get("train", {})
+    if not isinstance(train, dict):
+        raise WeightsError(f"{where}: train: expected a mapping of keys, got {str(train)[:50]!r}")
+    seed = train.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise WeightsError(f"{where}: train.seed: expected an integer, got {str(seed)[:50]!r}")
+    return seed
 
 
 def _run_config(run_dir: Path) -> dict:
@@ -215,11 +241,32 @@ def load_into(
 ) -> None:
     """Load timm-keyed ``state`` into the timm ``model``; mismatches raise :class:`WeightsError`
     naming them. Keys starting with one of ``allow_missing`` (a new head) may be missing."""
+    check_tensors(state, model.state_dict(), where)
     state = _fit_pos_embed(state, model)
     problem = describe_mismatch(model.state_dict(), state, allow_missing)
     if problem is not None:
         raise WeightsError(f"{where}: the weights do not fit this backbone ({problem})")
     model.load_state_dict(state, strict=False)
+
+
+def check_tensors(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], where: str) -> None:
+    """:class:`WeightsError` naming the first tensor of ``state`` that is not finite, or that is
+    stored as integers where the model (state dict ``own``) holds floats: ``load_state_dict``
+    would cast it silently, and either would be evaluated as if it were trained weights."""
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):  # extra state (e.g. a module's _extra_state dict)
+            continue
+        target = own.get(key)
+        if isinstance(target, torch.Tensor) and target.is_floating_point() and not value.is_floating_point():
+            raise WeightsError(
+                f"{where}: tensor {key} is {value.dtype} where the model has {target.dtype}; "
+                "integer weights are not cast, nothing was loaded"
+            )
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise WeightsError(
+                f"{where}: tensor {key} is not finite ({bad} of {value.numel()} values NaN or inf); nothing was loaded"
+            )
 
 
 def build_masked_backbone(weights: Weights, **overrides) -> MaskedBackbone:

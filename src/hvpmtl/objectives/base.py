@@ -135,6 +135,10 @@ class Objective:
         """Called after every forward, outside a compiled forward: host-side bookkeeping of what
         the forward did (SwAV's count of queued rows)."""
 
+    def before_step(self, model: nn.Module) -> None:
+        """Called after the backward pass(es), before gradient clipping and the optimiser step:
+        drop gradients the step must not use (SwAV's frozen prototypes)."""
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step (EMA updates, re-normalisations)."""
 

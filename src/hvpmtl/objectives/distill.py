@@ -1,4 +1,4 @@
-"""Momentum distillation (MD) for label denoising: EMA teacher and symmetric KL, Eqs. (4)-(5).
+"""Momentum distillation (MD) for label denoising: EMA teacher and symmetric KL, Eqs. (5)-(6).
 
 ``S(g, Q0)`` is the vector of cosine similarities between the decoder's image embedding ``g``
 and the ``C`` label embeddings ``Q0``; student and teacher vectors are softmax-normalised and
@@ -29,7 +29,7 @@ class DistillConfig:
     # backbone gradient); at 0.1 it acts (18-86 %) and improved every frozen-feature score
     temperature: float = 0.1
     embedding: str = "query_mean"  # g: mean of the decoder's label features | "memory_mean": of its input
-    teacher_queries: str = "student"  # Q0 of S(g', Q0): "student" (detached, as Eq. (5) writes) | "teacher"
+    teacher_queries: str = "student"  # Q0 of S(g', Q0): "student" (detached, as Eq. (6) writes) | "teacher"
 
     def validate(self, prefix: str = "") -> None:
         if self.embedding not in ("query_mean", "memory_mean"):
@@ -41,13 +41,13 @@ class DistillConfig:
 
 
 def label_similarity(g: torch.Tensor, label_embed: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Eq. (4): log-softmax over classes of ``cos(g, Q0_c) / T``. ``g: B x d``, ``Q0: C x d`` -> ``B x C``."""
+    """Eq. (5): log-softmax over classes of ``cos(g, Q0_c) / T``. ``g: B x d``, ``Q0: C x d`` -> ``B x C``."""
     cos = F.normalize(g.float(), dim=-1) @ F.normalize(label_embed.float(), dim=-1).t()
     return F.log_softmax(cos / temperature, dim=-1)
 
 
 def symmetric_kl(log_p_student: torch.Tensor, log_p_teacher: torch.Tensor) -> torch.Tensor:
-    """Eq. (5): ``(KL(P_s || P_t) + KL(P_t || P_s)) / 2`` averaged over the batch; teacher detached."""
+    """Eq. (6): ``(KL(P_s || P_t) + KL(P_t || P_s)) / 2`` averaged over the batch; teacher detached."""
     log_t = log_p_teacher.detach()
     kl_st = (log_p_student.exp() * (log_p_student - log_t)).sum(-1)
     kl_ts = (log_t.exp() * (log_t - log_p_student)).sum(-1)
@@ -76,7 +76,7 @@ class EMATeacher(nn.ModuleDict):
 
 @register_objective("distill", DistillConfig)
 class DistillObjective(Objective):
-    """Eqs. (4)-(5) between the student's MLC decoder (its output on this step, left by MLC in
+    """Eqs. (5)-(6) between the student's MLC decoder (its output on this step, left by MLC in
     ``step.shared["mlc"]``) and the EMA teacher's, both on the pixels MLC reads. Requires MLC's
     decoder, which is built even when ``tasks.mlc.weight`` is 0."""
 

@@ -1,4 +1,4 @@
-"""Masked image modelling (MIM): SimMIM's light decoder and the masked L1 loss, Eq. (3).
+"""Masked image modelling (MIM): SimMIM's light decoder and the masked L1 loss, Eq. (4).
 
 The decoder is a 1x1 convolution from the last feature map to ``stride^2 * 3`` channels followed
 by a pixel shuffle, which predicts every pixel of the image; the loss reads the masked ones only.
@@ -37,7 +37,7 @@ class SimMIMDecoder(nn.Module):
 
 
 def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. (3): ``sum_masked |y - x| / Omega``, Omega = masked pixels x channels.
+    """Eq. (4): ``sum_masked |y - x| / Omega``, Omega = masked pixels x channels.
 
     ``pred, target: B x C x H x W`` (the target is the normalised input the encoder saw);
     ``mask: B x h x w`` bool at any granularity dividing ``H x W``.
@@ -49,7 +49,7 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor)
 
 @register_objective("mim", MIMConfig)
 class MIMObjective(Objective):
-    """Eq. (3) on the masked view, encoded under the SimMIM mask (``batch["mask"]``)."""
+    """Eq. (4) on the masked view, encoded under the SimMIM mask (``batch["mask"]``)."""
 
     modules = ("mim",)
     masks_pixels = True

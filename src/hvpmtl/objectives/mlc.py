@@ -20,7 +20,8 @@ from torch import nn
 from hvpmtl.objectives.base import Objective, register_objective
 
 FOCUSING = {"paper": (4.0, 1.0), "asl": (0.0, 4.0)}  # (gamma_pos, gamma_neg)
-REDUCTIONS = ("per_image", "global_sum", "mean")
+REDUCTIONS = ("query2label", "per_image", "global_sum", "mean")
+QUERY2LABEL_SCALE = 1000.0  # Query2Label's AsymmetricLossOptimized: -loss.sum() / B / C * 1000
 
 
 @dataclass
@@ -39,12 +40,15 @@ class MLCConfig:
     gamma_pos: float | None = None  # explicit values override ``focusing``
     gamma_neg: float | None = None
     clip: float = 0.0  # ASL's probability margin m on negatives (0.05 in ASL); 0 = off
-    # "per_image": sum over classes, mean over images, times ``sum_images`` -- ASL's and Query2Label's
-    # per-GPU sum averaged by DDP over the paper's 16 images per GPU, so alpha_1 means the same at
-    # any batch size and process count | "global_sum": summed over the whole global batch (alpha_1's
-    # pull grows with the batch) | "mean": over classes and images
-    reduction: str = "per_image"
-    sum_images: float = 16.0  # the paper's images per GPU (batch 1024 on 64 GPUs)
+    # "query2label": mean over images and classes times 1000, Query2Label's training loss (whose decoder
+    # the paper takes); at alpha_1 = 0.001 the factor cancels and alpha_1 * L is the per-element mean |
+    # "per_image": sum over classes, mean over images, times ``sum_images`` -- ASL's own repository
+    # (-loss.sum() per GPU, averaged by DDP) at the paper's 16 images per GPU | "global_sum": summed
+    # over the whole global batch (alpha_1's pull grows with the batch) | "mean": over classes and
+    # images. All but global_sum are per-process means, so they mean the same at any batch size and
+    # process count; docs/method.md gives the per-element weight of each.
+    reduction: str = "query2label"
+    sum_images: float = 16.0  # per_image only: the paper's images per GPU (batch 1024 on 64 GPUs)
     # ASL's reference detaches the focusing weights (1-p)^g+ and p_m^g- (disable_torch_grad_focal_loss,
     # kept by Query2Label's commands); off = Eq. (1) differentiated as written (1.4-3.1x the gradient)
     detach_focusing: bool = False
@@ -198,8 +202,11 @@ def weighted_asymmetric_loss(
     ``p = sigmoid(logits)``; ``p_m = max(p - clip, 0)`` is ASL's probability shift (``clip=0``:
     ``p_m = p``). ``detach_focusing``: the weights ``(1-p)^g+`` and ``p_m^g-`` carry no gradient
     (ASL's reference). Computed in fp32. ``logits, targets: B x C``; ``reduction``: ``sum`` over
-    images and classes, ``per_image`` (sum over classes, mean over images) or ``mean``.
+    images and classes (ASL's repository), ``per_image`` (sum over classes, mean over images),
+    ``mean``, or ``query2label`` (``sum / B / C * 1000``, Query2Label's ``AsymmetricLossOptimized``).
     """
+    if reduction not in ("sum", "per_image", "mean", "query2label"):
+        raise ValueError(f"weighted_asymmetric_loss: unknown reduction '{reduction}'")
     x = logits.float()
     y = targets.float()
     p = torch.sigmoid(x)
@@ -216,6 +223,8 @@ def weighted_asymmetric_loss(
     loss = -(y * loss_pos + (1.0 - y) * loss_neg)
     if reduction == "per_image":
         return loss.sum(1).mean()
+    if reduction == "query2label":
+        return loss.mean() * QUERY2LABEL_SCALE
     return loss.sum() if reduction == "sum" else loss.mean()
 
 

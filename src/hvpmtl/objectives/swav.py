@@ -1,4 +1,4 @@
-"""Contrastive learning by online clustering (CL): SwAV head, truncated Sinkhorn-Knopp, Eq. (2).
+"""Contrastive learning by online clustering (CL): SwAV head, truncated Sinkhorn-Knopp, Eqs. (2)-(3).
 
 Head: projection MLP -> L2-normalised feature ``z`` -> dot products with ``K`` L2-normalised
 prototypes (a bias-free linear layer re-normalised every step, frozen for the first iterations).
@@ -19,6 +19,15 @@ from torch import nn
 from hvpmtl.objectives.base import Objective, register_objective
 
 STABILIZERS = ("truncate", "max_shift", "none")
+MAX_QUEUE_BYTES = 4 * 10**9  # the queue plus its scores against the prototypes (SwAV's 3840 images: 96 MB)
+
+
+def _decimal_bytes(n: int) -> str:
+    """``5004800000`` -> ``"5.0 GB"``."""
+    units, value, k = ("B", "kB", "MB", "GB", "TB", "PB", "EB"), float(n), 0
+    while value >= 1000 and k < len(units) - 1:
+        value, k = value / 1000, k + 1
+    return f"{value:.1f} {units[k]}"
 
 
 @dataclass
@@ -49,6 +58,13 @@ class SwAVConfig:
             raise ValueError(f"{prefix}.sinkhorn_iters={self.sinkhorn_iters} must be >= 1")
         if self.queue_length < 0 or self.queue_start_iters < 0:
             raise ValueError(f"{prefix}.queue_length and {prefix}.queue_start_iters must be >= 0")
+        queue_bytes = 2 * self.queue_length * (self.out_dim + self.num_prototypes) * 4
+        if queue_bytes > MAX_QUEUE_BYTES:  # refused here: allocating it fails (or is killed) only later
+            raise ValueError(
+                f"{prefix}.queue_length={self.queue_length}: the queue and its prototype scores would take "
+                f"{_decimal_bytes(queue_bytes)} on every process (2 x queue_length x (out_dim + num_prototypes) "
+                f"x 4 bytes); at most {_decimal_bytes(MAX_QUEUE_BYTES)} (SwAV queues a few thousand images)"
+            )
         if self.head_norm not in ("bn", "ln", "none"):
             raise ValueError(f"{prefix}.head_norm: expected 'bn', 'ln' or 'none', got '{self.head_norm}'")
 
@@ -82,6 +98,14 @@ class SwAVHead(nn.Module):
         new = torch.stack([z_a, z_b]).to(self.queue.dtype)[:, : self.queue.shape[1]]
         self.queue.copy_(torch.cat([new, self.queue[:, : self.queue.shape[1] - new.shape[1]]], dim=1))
 
+    def host_state(self) -> int:
+        """The host copy of the fill count, which a skipped step's buffer restore puts back
+        (:class:`~hvpmtl.engine.guards.BufferSnapshot`) with the queue and ``queue_rows``."""
+        return self.queue_filled
+
+    def set_host_state(self, filled: int) -> None:
+        self.queue_filled = filled
+
     @torch.no_grad()
     def count_pushed(self, rows: int) -> None:
         """Count ``rows`` more queued rows (host copy and buffer; no device sync)."""
@@ -94,8 +118,9 @@ class SwAVHead(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, x: torch.Tensor, freeze_prototypes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Frozen prototypes get an all-zero gradient (rather than none), so that every trainable
-        parameter takes part in each step and DDP needs no search for unused parameters."""
+        """Frozen prototypes get an all-zero gradient in the backward (rather than none), so that
+        every trainable parameter takes part in each step and DDP needs no search for unused
+        parameters; :meth:`SwAVObjective.before_step` then drops it before the optimiser step."""
         z = F.normalize(self.projection(x), dim=1)  # unnormalised inputs give NaN in Sinkhorn
         w = self.prototypes.weight
         if freeze_prototypes:
@@ -182,7 +207,7 @@ def sinkhorn(
 def swapped_prediction_loss(
     scores_a: torch.Tensor, scores_b: torch.Tensor, codes_a: torch.Tensor, codes_b: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """Eq. (2): ``L = l(f_a, q_b) + l(f_b, q_a)``, ``l(f, q) = -sum_k q_k log softmax(f.c / tau)_k``,
+    """Eqs. (2)-(3): ``L = l(f_a, q_b) + l(f_b, q_a)``, ``l(f, q) = -sum_k q_k log softmax(f.c / tau)_k``,
     averaged over the batch."""
     log_p_a = F.log_softmax(scores_a.float() / temperature, dim=1)
     log_p_b = F.log_softmax(scores_b.float() / temperature, dim=1)
@@ -245,6 +270,13 @@ class SwAVObjective(Objective):
         head = model.swav
         if self.cfg.queue_length and head.training:
             head.count_pushed(batch["views"][0].shape[0] * _world_size())
+
+    def before_step(self, model: nn.Module) -> None:
+        """Frozen prototypes: no gradient at all, as in SwAV, so AdamW leaves them and their state
+        alone (a zero gradient would decay them and count steps, and the first real update after
+        the thaw would be bias-corrected as a late one: 1.64x a first step after 313 iterations)."""
+        if model.iteration < self.cfg.freeze_prototypes_iters:
+            model.swav.prototypes.weight.grad = None
 
     def after_step(self, model: nn.Module) -> None:
         model.swav.normalize_prototypes()

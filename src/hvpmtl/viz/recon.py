@@ -2,7 +2,7 @@
 
 Four rows, one column per image: the input, the input with its masked units greyed out (what
 the encoder does not see; it gets mask tokens there), the decoder's output everywhere, and that
-output pasted into the masked units of the input (the loss of Eq. (3) reads only those).
+output pasted into the masked units of the input (the loss of Eq. (4) reads only those).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 
 from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from hvpmtl.data.manifest import ImageFiles, read_text
+from hvpmtl.reprs import short_repr
 
 MISSING_IMAGE_POLICIES = ("error", "drop")
 
@@ -106,6 +107,15 @@ def select_classes(entries: Sequence[ClassEntry], wanted: Sequence[str] | None, 
         counts[e.name] = counts.get(e.name, 0) + 1
     names = [e.name if counts[e.name] == 1 or e.name == e.label_id else f"{e.name} ({e.label_id})" for e in entries]
     return Vocabulary(names, [e.label_id for e in entries], {e.key: k for k, e in enumerate(entries)})
+
+
+def image_in_folder(folder: Path, name: str, where: str) -> Path:
+    """``folder / name`` for an image an annotation file names (``where``: the file and element);
+    ``ValueError`` when ``name`` is absolute or has a ``..`` part: an annotation names images in its
+    own image folder, so a hostile one cannot pull other files into reports and thumbnails."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"{where} {short_repr(name)}: must be a relative path inside {folder} (no '..', not absolute)")
+    return folder / name
 
 
 def split_folder(root: Path, split: str) -> Path:

@@ -2,7 +2,8 @@
 
 Layout (as COCO 2017): ``root/annotations/instances_<split>.json`` and the images under
 ``root/<split>/<file_name>``. ``root`` defaults to the folder above ``annotations/``; images are
-looked up in ``root/<split>/`` when that folder exists, else in ``root/`` itself.
+looked up in ``root/<split>/`` when that folder exists, else in ``root/`` itself. A ``file_name``
+is a relative path inside that folder (no ``..`` part, not absolute).
 
 * Vocabulary: the categories in id order (as :class:`hvpmtl.data.coco.CocoInstances`), or the
   given classes (category names or ids), in their order; annotations of other categories are
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,8 +31,17 @@ from pathlib import Path
 import torch
 
 from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
-from hvpmtl.data.formats.base import ClassEntry, FormatImages, ImageRecord, select_classes, split_folder, warn_dropped
+from hvpmtl.data.formats.base import (
+    ClassEntry,
+    FormatImages,
+    ImageRecord,
+    image_in_folder,
+    select_classes,
+    split_folder,
+    warn_dropped,
+)
 from hvpmtl.data.manifest import read_text
+from hvpmtl.reprs import short_repr
 
 __all__ = ["CocoImages", "load_coco_json"]
 
@@ -43,6 +54,8 @@ def load_coco_json(path: Path) -> dict:
         data = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with images, annotations and categories")
     for key in ("images", "annotations", "categories"):
@@ -54,7 +67,7 @@ def load_coco_json(path: Path) -> dict:
 def _int_field(path: Path, where: str, obj: object, key: str) -> int:
     value = obj.get(key) if isinstance(obj, dict) else None
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{path}: {where}: '{key}' must be an integer, got {value!r}")
+        raise ValueError(f"{path}: {where}: '{key}' must be an integer, got {short_repr(value)}")
     return value
 
 
@@ -75,8 +88,9 @@ def _categories(path: Path, data: dict) -> list[ClassEntry]:
 
 def _xyxy(path: Path, where: str, bbox: object) -> list[float]:
     ok = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-    if not ok or bbox[2] < 0 or bbox[3] < 0:
-        raise ValueError(f"{path}: {where}: bbox must be [x, y, width, height] with width, height >= 0, got {bbox!r}")
+    if not ok or not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0:
+        raise ValueError(f"{path}: {where}: bbox must be [x, y, width, height] of finite numbers with width, "
+                         f"height >= 0, got {short_repr(bbox)}")  # fmt: skip
     x, y, w, h = (float(v) for v in bbox)
     return [x, y, x + w, y + h]
 
@@ -123,7 +137,8 @@ class CocoImages(FormatImages):
                 raise ValueError(f"{path}: images[{k}] (id {iid}): no file_name")
             if masks and not all(isinstance(im.get(d), int) and im[d] > 0 for d in ("height", "width")):
                 raise ValueError(f"{path}: images[{k}] (id {iid}): masks need its 'height' and 'width'")
-            records[iid] = ImageRecord(folder / name, f"{path}: images[{k}] (id {iid})", ref=(iid, []))
+            file = image_in_folder(folder, name, f"{path}: images[{k}] (id {iid}): file_name")
+            records[iid] = ImageRecord(file, f"{path}: images[{k}] (id {iid})", ref=(iid, []))
         dropped: dict[str, int] = {}
         for k, ann in enumerate(data["annotations"]):
             where = f"annotations[{k}] (id {ann.get('id') if isinstance(ann, dict) else '?'})"

@@ -2,7 +2,8 @@
 
 Layout (as ``VOCdevkit/VOC2007``): ``root/ImageSets/Main/<split>.txt`` lists image ids, one a
 line; ``root/Annotations/<id>.xml`` describes each image; ``root/JPEGImages/<id>.jpg`` holds it
-(else the XML's ``<filename>``). ``root`` defaults to the folder above ``ImageSets/Main/``.
+(else ``JPEGImages/<filename>`` of the XML: a relative path inside ``JPEGImages/``, with no
+``..`` part). ``root`` defaults to the folder above ``ImageSets/Main/``.
 
 * Vocabulary: the given classes in their order, else the sorted names found in the split's XML
   files (for VOC2007/2012 the 20 classes in their usual order). Objects of other classes are
@@ -19,13 +20,22 @@ Errors name the file and element, e.g. ``Annotations/000005.xml: <object> 2 (dog
 
 from __future__ import annotations
 
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
 from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
-from hvpmtl.data.formats.base import ClassEntry, FormatImages, ImageRecord, select_classes, warn_dropped
+from hvpmtl.data.formats.base import (
+    ClassEntry,
+    FormatImages,
+    ImageRecord,
+    image_in_folder,
+    select_classes,
+    warn_dropped,
+)
 from hvpmtl.data.manifest import read_text
+from hvpmtl.reprs import short_repr
 
 __all__ = ["DIFFICULT_POLICIES", "VocImages", "voc_root"]
 
@@ -64,9 +74,12 @@ def _number(xml: Path, where: str, element: ET.Element, tag: str) -> float:
     if text is None or not text.strip():
         raise ValueError(f"{xml}: {where}: <{element.tag}> has no <{tag}>")
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise ValueError(f"{xml}: {where}: <{tag}> is not a number: {text.strip()!r}") from None
+        raise ValueError(f"{xml}: {where}: <{tag}> is not a number: {short_repr(text.strip())}") from None
+    if not math.isfinite(value):  # float() reads "nan" and "inf"
+        raise ValueError(f"{xml}: {where}: <{tag}> is not a finite number: {short_repr(text.strip())}")
+    return value
 
 
 def parse_voc_xml(xml: Path) -> tuple[str, list[tuple[str, bool, list[float]]]]:
@@ -140,7 +153,8 @@ class VocImages(FormatImages):
         for lineno, image_id, (filename, objects) in parsed:
             path = root / "JPEGImages" / f"{image_id}.jpg"
             if filename and not path.is_file():
-                path = root / "JPEGImages" / filename
+                xml = root / "Annotations" / f"{image_id}.xml"
+                path = image_in_folder(root / "JPEGImages", filename, f"{xml}: <filename>")
             record = ImageRecord(path, f"{image_set}:{lineno}")
             for name, is_difficult, box in objects:
                 if is_difficult and difficult == "exclude":
