@@ -18,6 +18,7 @@ from hvpmtl.cli import main
 from hvpmtl.config import ConfigError
 from hvpmtl.data import BadImageError, DataConfig, ImageFiles, ManifestImages, build_dataset, read_image
 from hvpmtl.data.skipped import SKIPPED_LIST, SKIPPED_PARTS, record_skipped_image, skipped_images_summary
+from hvpmtl.engine import run_dir as run_io
 
 TINY_RUN = [
     "backbone.kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
@@ -211,6 +212,18 @@ def test_cli_bad_image_is_one_line_exit_2(bad_files: Path, tmp_path: Path, capsy
     assert rc == 2 and "Traceback" not in err
     assert err.strip().splitlines() == [err.strip()]
     assert err.startswith("error: ") and "m.csv:3: cannot read image" in err and "trunc.png" in err
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing_half_made(bad_files: Path, tmp_path: Path, capsys):
+    """A data error in the first batch: the outputs the run had begun are removed, so the same
+    command (once the data is mended) starts afresh instead of being refused as a previous run."""
+    (bad_files / "m.csv").write_text("path,labels\n0.png,a\ntrunc.png,b\n1.png,a\n2.png,b\n")
+    run = tmp_path / "run"
+    rc, _, err = _pretrain(capsys, bad_files / "m.csv", run, "data.batch_size=4")  # the first batch holds it
+    assert rc == 2 and "trunc.png" in err
+    assert run_io.previous_outputs(run) == []
+    rc, _, err = _pretrain(capsys, bad_files / "m.csv", run, "data.batch_size=4")  # the first batch holds it
+    assert rc == 2 and "previous run" not in err and "trunc.png" in err
 
 
 def test_cli_every_image_bad_is_one_line_naming_the_manifest(bad_files: Path, tmp_path: Path, capsys):
