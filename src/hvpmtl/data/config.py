@@ -98,7 +98,7 @@ class DataConfig:
     label_noise: float = 0.0  # train split only: drop each tag / add a spurious one with prob r
     item_scale: float = 1.0  # fmnist: item side / image side (0.5 = the items' size in fmnist-mosaic)
     synthetic_tags: str = "shapes"  # synthetic: shapes (10 tags) | attributes (240 shape x colour x texture, Zipf)
-    emoji_min_count: int = 5  # emoji: keep CLDR keywords of at least this many train emoji (5: 181 tags)
+    emoji_min_count: int = 5  # emoji: keep CLDR keywords of at least this many train emoji (5: 130 tags with CLDR 41)
 
     # loading
     batch_size: int = 64  # global batch, split over processes
