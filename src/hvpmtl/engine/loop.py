@@ -163,11 +163,9 @@ class Trainer:
         overwrite, t.overwrite = t.overwrite, False  # a one-off: the saved config must not carry it
         if env.is_main:
             run_io.open_run_dir(self.run_dir, overwrite)
-            if overwrite:  # finetune-*/ detect-*/ segment-*/ trained from the weights being replaced
-                from hvpmtl.eval.identity import remove_downstream_runs
-
-                if gone := remove_downstream_runs(self.run_dir):
-                    print(f"train.overwrite=true: removed the replaced run's downstream folders: {', '.join(gone)}")
+            # finetune-*/ detect-*/ segment-*/ trained from the weights being replaced
+            if overwrite and (gone := run_io.remove_downstream_runs(self.run_dir)):
+                print(f"train.overwrite=true: removed the replaced run's downstream folders: {', '.join(gone)}")
             save_config(cfg, self.run_dir / "config.yaml")
             if self.class_names is not None:
                 write_classes_file(self.run_dir, self.class_names)

@@ -33,11 +33,13 @@ from hvpmtl.engine import checkpoint as ckpt_io
 from hvpmtl.engine.distributed import DistEnv, broadcast_object
 
 LOCK_NAME = ".lock"
+IDENTITY_FILE = "identity.json"  # a downstream run folder's source weights and data (eval/identity.py)
+DOWNSTREAM_COMMANDS = ("finetune", "detect", "segment")  # their folders sit inside the pre-training run
 ENVIRONMENT = "environment.jsonl"  # one line per start of the run: versions, device, threads
 OUTPUTS = ("config.yaml", "metrics.csv", "model.safetensors", "backbone.safetensors", "teacher_backbone.safetensors",
            "timm", "timm_teacher",  # backbones/timm_config.py
            ckpt_io.CKPT_DIR, "tb", "trackers.json", "wandb", "pictures", SKIPPED_LIST, SKIPPED_PARTS, "eval.csv",
-           ENVIRONMENT, "classes.json", "identity.json")  # fmt: skip  (vocabulary.py, eval/identity.py)
+           ENVIRONMENT, "classes.json", IDENTITY_FILE)  # fmt: skip  (vocabulary.py, eval/identity.py)
 FINISHED = ("model.safetensors", "backbone.safetensors")  # written only by a run that ended well
 BAD_SUFFIX = ".bad"
 _TMP_RE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temporary files
@@ -324,3 +326,40 @@ def record_environment(run_dir: Path, start_step: int, info: dict) -> None:
     """Append ``info`` and the step the run starts (or resumes) at to ``environment.jsonl``."""
     with open(run_dir / ENVIRONMENT, "a") as f:
         f.write(json.dumps({"start_step": start_step, **info}) + "\n")
+
+
+def downstream_run_folders(run_dir: str | Path) -> list[Path]:
+    """The downstream run folders inside a pre-training run folder: ``<command>-*/`` folders (not
+    links) whose ``identity.json`` names that command, i.e. the ones this package wrote."""
+    found = []
+    for path in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
+        command = path.name.split("-", 1)[0]
+        ours = command in DOWNSTREAM_COMMANDS and path.is_dir() and not path.is_symlink()
+        if not ours or not (path / IDENTITY_FILE).is_file():
+            continue
+        try:
+            recorded = json.loads((path / IDENTITY_FILE).read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if recorded == command:
+            found.append(path)
+    return found
+
+
+def remove_downstream_runs(run_dir: str | Path) -> list[str]:
+    """Delete :func:`downstream_run_folders` of ``run_dir`` (``pretrain --overwrite``: they were
+    trained from the weights being replaced); one still in use by a running command is kept, with a
+    warning. Returns the names removed."""
+    removed = []
+    for folder in downstream_run_folders(run_dir):
+        try:
+            lock_run_dir(folder)
+        except ValueError as err:
+            print(f"warning: train.overwrite=true: kept {folder} ({err})")
+            continue
+        try:
+            shutil.rmtree(folder)
+        finally:
+            unlock_run_dir(folder)
+        removed.append(folder.name)
+    return removed

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-IDENTITY_FILE = "identity.json"
-COMMANDS = ("finetune", "detect", "segment")
+from hvpmtl.engine.run_dir import IDENTITY_FILE
+
 # which images and which tags: the keys that name the data (sizes, batch and loading settings do not)
 DATA_KEYS = ("dataset", "root", "manifest", "val_manifest", "classes", "classes_file", "annotations", "val_annotations",
              "dictionary", "shards", "val_shards", "min_confidence", "voc_difficult", "seed", "label_noise",
@@ -112,43 +112,3 @@ def write_identity(run_dir: str | Path, identity: dict) -> None:
 
     text = json.dumps(identity, indent=1) + "\n"
     atomic_write(Path(run_dir) / IDENTITY_FILE, lambda f: f.write(text.encode("utf-8")))
-
-
-def downstream_run_folders(run_dir: str | Path) -> list[Path]:
-    """The downstream run folders inside a pre-training run folder: ``<command>-*/`` folders (not
-    links) whose ``identity.json`` names that command, i.e. the ones this package wrote."""
-    found = []
-    for path in sorted(Path(run_dir).iterdir()) if Path(run_dir).is_dir() else []:
-        command = path.name.split("-", 1)[0]
-        if command not in COMMANDS or path.is_symlink() or not path.is_dir() or not (path / IDENTITY_FILE).is_file():
-            continue
-        try:
-            recorded = json.loads((path / IDENTITY_FILE).read_text()).get("command")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if recorded == command:
-            found.append(path)
-    return found
-
-
-def remove_downstream_runs(run_dir: str | Path) -> list[str]:
-    """Delete :func:`downstream_run_folders` of ``run_dir`` (``pretrain --overwrite``: they were
-    trained from the weights being replaced); one still in use by a running command is kept, with a
-    warning. Returns the names removed."""
-    import shutil
-
-    from hvpmtl.engine import run_dir as run_io
-
-    removed = []
-    for folder in downstream_run_folders(run_dir):
-        try:
-            run_io.lock_run_dir(folder)
-        except ValueError as err:
-            print(f"warning: train.overwrite=true: kept {folder} ({err})")
-            continue
-        try:
-            shutil.rmtree(folder)
-        finally:
-            run_io.unlock_run_dir(folder)
-        removed.append(folder.name)
-    return removed
