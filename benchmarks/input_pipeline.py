@@ -35,7 +35,7 @@ from PIL import Image
 
 import hvpmtl
 from hvpmtl.data import ManifestImages
-from hvpmtl.data.shards import write_shards
+from hvpmtl.data.shard_writer import write_shards
 from hvpmtl.engine.distributed import init_distributed
 from hvpmtl.engine.loop import Trainer
 from hvpmtl.engine.run_dir import unlock_run_dir

@@ -2,7 +2,7 @@
 labels, no augmentation, no model.
 
 Makes ``--images`` JPEG files of ``--size`` px (generated scenes, quality 90) and a JSONL
-manifest, shards them with ``hvpmtl.data.shards.write_shards`` (the JPEG bytes are copied), then
+manifest, shards them with ``hvpmtl.data.shard_writer.write_shards`` (the JPEG bytes are copied), then
 reads one epoch of each, ``--repeats`` times per loader-worker count:
 
 * ``files``: ``ManifestImages`` in a shuffled order through a ``DataLoader`` (one file open per image);
@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader
 
 from hvpmtl.data import ManifestImages, SyntheticScenes
 from hvpmtl.data.shard_stream import ShardStream
-from hvpmtl.data.shards import ShardImages, write_shards
+from hvpmtl.data.shard_writer import write_shards
+from hvpmtl.data.shards import ShardImages
 from hvpmtl.engine.loader import ShardLoader
 
 

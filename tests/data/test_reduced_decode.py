@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 import hvpmtl
 from hvpmtl.data import BadImageError, build_pretrain_dataset, read_image, reduced_decode_side
-from hvpmtl.data.shards import write_shards
+from hvpmtl.data.shard_writer import write_shards
 
 
 def _jpeg(path: Path, width: int, height: int, orientation: int = 0) -> Path:

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from hvpmtl.data import ManifestImages, PretrainViews, SyntheticScenes, TwoViewTransform, read_image
 from hvpmtl.data.decode import BadImageError
 from hvpmtl.data.shard_stream import ShardStream
-from hvpmtl.data.shards import ShardImages, load_shard_index, scan_shard, write_shards
+from hvpmtl.data.shard_writer import write_shards
+from hvpmtl.data.shards import ShardImages, load_shard_index, scan_shard
 from hvpmtl.engine.loader import ShardLoader
 from hvpmtl.engine.metrics import read_metrics
 

@@ -15,7 +15,8 @@ from test_shards import _args, _source
 
 from hvpmtl.data.decode import BadImageError
 from hvpmtl.data.shard_stream import ShardStream
-from hvpmtl.data.shards import ShardIndex, load_shard_index, parse_labels, write_shards
+from hvpmtl.data.shard_writer import write_shards
+from hvpmtl.data.shards import ShardIndex, load_shard_index, parse_labels
 
 pytest.importorskip("webdataset")
 

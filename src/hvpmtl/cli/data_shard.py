@@ -9,7 +9,7 @@ import argparse
 def cmd_shard(args: argparse.Namespace) -> int:
     from hvpmtl.config import ConfigError, load_config
     from hvpmtl.data import build_dataset
-    from hvpmtl.data.shards import write_shards
+    from hvpmtl.data.shard_writer import write_shards
 
     cfg = load_config(args.config, args.overrides)
     try:

@@ -78,7 +78,8 @@ def pretrain(cfg: Config, resume: str | None = None) -> RunResult:
         try:
             return trainer.fit()
         except Exception:
-            trainer.remove_unstarted_outputs()
+            if trainer.step == 0 and env.is_main:  # nothing half-made: see remove_unstarted_outputs
+                run_io.remove_unstarted_outputs(trainer.run_dir)
             raise
     finally:
         run_io.unlock_run_dir(cfg.train.output_dir)
@@ -319,17 +320,6 @@ class Trainer:
         return rate
 
     # ------------------------------------------------------------------------------------------
-    def remove_unstarted_outputs(self) -> None:
-        """After a failure before the first step of a new run (a bad image in the first batch, say):
-        remove the outputs it had begun (config.yaml, metrics.csv, tb/, ...), which hold nothing a
-        later run could use, so that the same command starts afresh instead of meeting a half-made
-        folder. A resumed run, or one with a step done, keeps everything."""
-        if self.step == 0 and self.env.is_main and ckpt_io.find_latest(self.run_dir) is None:
-            removed = run_io.clear_previous_outputs(self.run_dir)
-            if removed:
-                print(f"{self.run_dir}: the run failed before its first step; removed what it had begun "
-                      f"({', '.join(removed)})")  # stdout: the error stays the one line on stderr
-
     def fit(self) -> RunResult:
         t, spe = self.cfg.train, self.sampler.steps_per_epoch
         start_step, start = self.step, time.perf_counter()

@@ -133,6 +133,16 @@ def remove_stale_tmp(run_dir: Path) -> list[str]:
     return sorted(removed)
 
 
+def remove_unstarted_outputs(run_dir: Path) -> None:
+    """After a new run failed before its first step (a bad image in the first batch, say): remove
+    the outputs it had begun (config.yaml, metrics.csv, tb/, ...), which hold nothing a later run
+    could use, so that the same command starts afresh instead of meeting a half-made folder. A
+    folder with a checkpoint keeps everything."""
+    if ckpt_io.find_latest(run_dir) is None and (removed := clear_previous_outputs(run_dir)):
+        print(f"{run_dir}: the run failed before its first step; removed what it had begun "
+              f"({', '.join(removed)})")  # fmt: skip  (stdout: the error stays the one line on stderr)
+
+
 def _refuse_previous_run(run_dir: Path, overwrite: bool) -> None:
     found = previous_outputs(run_dir)
     if not found or overwrite:

@@ -1,4 +1,5 @@
-"""Can the noise report's ranking be trusted? The tagger's own mAP on held-out images, against chance.
+"""Can the noise report's ranking be trusted? The tagger's own mAP on held-out images, against chance
+(and the scoring of a data set with the MLC head that both use).
 
 The noise report ranks (image, tag) pairs by how strongly the run's MLC head contradicts them. That
 ranking means something only when the head tags well: a head near chance flags pairs at random.
@@ -14,6 +15,7 @@ tried, cannot be reached when chance is 50 or more.)
 from __future__ import annotations
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 TRUST_FRACTION = 0.2  # the part of the way from chance to 100 mAP a head must cover
 
@@ -59,3 +61,37 @@ def describe(check: dict | None, why_not: str = "") -> tuple[str, str | None]:
         return line, None
     return line, (f"warning: this ranking cannot be trusted: the head scores {check['mAP']:.1f} mAP on held-out "
                   f"images, chance is {check['chance']:.1f}; its flags are close to random")  # fmt: skip
+
+
+class TaggedImages(Dataset):
+    """``(eval image, given tags, clean tags, index)``; clean tags are the given ones when the
+    data set knows no others."""
+
+    def __init__(self, base: Dataset, transform, count: int):
+        self.base, self.transform, self.count = base, transform, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        s = self.base[i]
+        labels = s["labels"].float()
+        clean = s["clean_labels"].float() if "clean_labels" in s else labels
+        return self.transform(s["image"]), labels, clean, int(s.get("index", i))
+
+
+@torch.no_grad()
+def head_probabilities(backbone, head, loader: DataLoader, device: torch.device, bf16: bool = False,
+                       order: list[int] | None = None):  # fmt: skip
+    """MLC probabilities ``N x C`` with the given and clean tags and the image indices read;
+    ``order``: the logit of each data tag when the data lists the run's tags in another order."""
+    probs, given, clean, index = [], [], [], []
+    for x, y, yc, i in loader:
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits = head(backbone(x.to(device), None)[0])[0]
+        logits = logits if order is None else logits[:, order]
+        probs.append(logits.float().sigmoid().cpu())
+        given.append(y)
+        clean.append(yc)
+        index.append(i)
+    return torch.cat(probs), torch.cat(given), torch.cat(clean), torch.cat(index)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from hvpmtl.data.config import DataConfig
 from hvpmtl.engine.config import _checker
 from hvpmtl.eval.config import RuntimeConfig
-from hvpmtl.eval.head_check import describe, head_check
+from hvpmtl.eval.head_check import TaggedImages, describe, head_check, head_probabilities
 
 FILES = ("noise_report.csv", "noise_report.html", "noise_report.json")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads such a cell as a formula
@@ -135,40 +135,6 @@ def format_table(rows: list[dict]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # images -> probabilities
-
-
-class _TaggedImages(Dataset):
-    """``(eval image, given tags, clean tags, index)``; clean tags are the given ones when the
-    data set knows no others."""
-
-    def __init__(self, base: Dataset, transform, count: int):
-        self.base, self.transform, self.count = base, transform, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, i: int):
-        s = self.base[i]
-        labels = s["labels"].float()
-        clean = s["clean_labels"].float() if "clean_labels" in s else labels
-        return self.transform(s["image"]), labels, clean, int(s.get("index", i))
-
-
-@torch.no_grad()
-def head_probabilities(backbone, head, loader: DataLoader, device: torch.device, bf16: bool = False,
-                       order: list[int] | None = None):  # fmt: skip
-    """MLC probabilities ``N x C`` with the given and clean tags and the image indices read;
-    ``order``: the logit of each data tag when the data lists the run's tags in another order."""
-    probs, given, clean, index = [], [], [], []
-    for x, y, yc, i in loader:
-        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-            logits = head(backbone(x.to(device), None)[0])[0]
-        logits = logits if order is None else logits[:, order]
-        probs.append(logits.float().sigmoid().cpu())
-        given.append(y)
-        clean.append(yc)
-        index.append(i)
-    return torch.cat(probs), torch.cat(given), torch.cat(clean), torch.cat(index)
 
 
 def image_name(base: Dataset, index: int, split: str) -> str:
@@ -353,7 +319,7 @@ def run_noise_report(source: str | Path, cfg: NoiseReportConfig, out_dir: str | 
     count = min(cfg.images, len(base)) if cfg.images else len(base)
     has_clean = "clean_labels" in base[0]
     d = cfg.data
-    images = _TaggedImages(base, EvalTransform(size, d.eval_crop_pct, d.mean, d.std), count)
+    images = TaggedImages(base, EvalTransform(size, d.eval_crop_pct, d.mean, d.std), count)
     loader = DataLoader(images, batch_size=cfg.run.batch_size, num_workers=cfg.run.num_workers)
     probs, given, clean, index = head_probabilities(backbone, decoder, loader, device, cfg.run.precision == "bf16",
                                                     order)  # fmt: skip
@@ -367,7 +333,7 @@ def run_noise_report(source: str | Path, cfg: NoiseReportConfig, out_dir: str | 
             held = build_dataset(cfg.data, size, "val")
             held_order = head_order(model, list(getattr(held, "classes", None) or []), source)
             n = min(cfg.images, len(held)) if cfg.images else len(held)
-            held_loader = DataLoader(_TaggedImages(held, images.transform, n), batch_size=cfg.run.batch_size,
+            held_loader = DataLoader(TaggedImages(held, images.transform, n), batch_size=cfg.run.batch_size,
                                      num_workers=cfg.run.num_workers)  # fmt: skip
             hp, hy, _, _ = head_probabilities(backbone, decoder, held_loader, device, cfg.run.precision == "bf16",
                                               held_order)  # fmt: skip
