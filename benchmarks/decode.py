@@ -29,7 +29,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 import hvpmtl
-from hvpmtl.data import ManifestImages, PretrainViews, build_view_transform, read_image, reduced_decode_side
+from hvpmtl.data import (
+    ImageLoading,
+    ManifestImages,
+    PretrainViews,
+    build_view_transform,
+    read_image,
+    reduced_decode_side,
+)
 
 
 def _median_ms(fn, items, repeat: int) -> float:
@@ -83,8 +90,7 @@ def main() -> None:
             for name, min_side in (("full", 0), ("reduced", side)):
                 row[f"decode_ms_{name}"] = round(_median_ms(lambda q, m=min_side: read_image(q, min_side=m), paths,
                                                             args.repeat), 2)  # fmt: skip
-                base = ManifestImages(manifest, root=folder)
-                base.decode_min_side = min_side
+                base = ManifestImages(manifest, root=folder, loading=ImageLoading(decode_min_side=min_side))
                 views = PretrainViews(base, build_view_transform(cfg), seed=0)
                 row[f"sample_ms_{name}"] = round(_median_ms(lambda i, v=views: v[(i, 0)], range(len(paths)),
                                                             args.repeat), 2)  # fmt: skip

@@ -139,7 +139,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(capsys, tmp_path):
 
 def test_pretrain_and_config_take_overrides_on_both_sides_of_an_option(capsys, tmp_path, monkeypatch):
     seen = {}
-    monkeypatch.setattr("hvpmtl.engine.loop.pretrain", lambda cfg, resume=None: seen.update(cfg=cfg, resume=resume))
+    monkeypatch.setattr("hvpmtl.pretraining.pretrain", lambda cfg, resume=None: seen.update(cfg=cfg, resume=resume))
     ckpt = str(tmp_path / "step_2.pt")
     rc, _, err = run(capsys, "pretrain", "-c", "cpu-tiny", "train.max_steps=1", "--resume", ckpt, "optim.lr=2e-4")
     assert rc == 0, err

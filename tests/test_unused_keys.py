@@ -103,14 +103,20 @@ def test_downstream_commands_inherit_only_the_keys_of_the_runs_own_source(tmp_pa
 
 
 LOOP_KEYS = [
-    ("train.compile=true", "train.compile=true has no effect in finetune (the downstream loop does not compile)"),
-    ("train.loggers=[wandb]", "train.loggers=[wandb] has no effect in finetune"),
+    ("train.compile=true", "train.compile=true has no effect in finetune (downstream models are not compiled)"),
     ("train.grad_share_every=10", "train.grad_share_every=10 has no effect in finetune"),
     ("train.pictures_every=10", "train.pictures_every=10 has no effect in finetune"),
-    ("optim.impl=plain", "optim.impl=plain has no effect in finetune"),
-    ("optim.weight_decay_end=0.1", "optim.weight_decay_end=0.1 has no effect in finetune"),
     ("dist.strategy=fsdp", "dist.strategy=fsdp has no effect in finetune"),
 ]
+
+
+@pytest.mark.parametrize("command", ["finetune", "detect", "segment"])
+def test_downstream_commands_take_the_loop_keys_the_one_loop_applies(command):
+    from hvpmtl.eval.config import ROOTS
+
+    cfg = load_config(None, ["train.loggers=[]", "optim.impl=plain", "optim.weight_decay_end=0.1"],
+                      cls=ROOTS[command])  # fmt: skip
+    assert not cfg.train.loggers and cfg.optim.impl == "plain" and cfg.optim.weight_decay_end == 0.1
 
 
 @pytest.mark.parametrize("override, expected", LOOP_KEYS)
@@ -123,7 +129,7 @@ def test_finetune_refuses_the_loop_keys_it_does_not_read(capsys, tmp_path, overr
 
 @pytest.mark.parametrize("command, override", [
     ("detect", "train.compile=true"), ("detect", "dist.strategy=fsdp"),
-    ("segment", "optim.impl=plain"), ("segment", "train.loggers=[]"),
+    ("segment", "train.pictures_every=10"), ("segment", "train.grad_share_every=10"),
 ])  # fmt: skip
 def test_detect_and_segment_refuse_them_too(capsys, tmp_path, command, override):
     out = tmp_path / command

@@ -196,7 +196,7 @@ RUN = [
 
 @pytest.fixture(scope="module")
 def run_with_pictures(tmp_path_factory):
-    from hvpmtl.engine.loop import pretrain
+    from hvpmtl.pretraining import pretrain
 
     out = tmp_path_factory.mktemp("viz") / "run"
     pretrain(hvpmtl.load_config(None, [*RUN, "train.pictures_every=2", "train.pictures_count=3",
@@ -206,7 +206,7 @@ def run_with_pictures(tmp_path_factory):
 
 @pytest.mark.slow
 def test_pictures_during_training_do_not_change_the_run(run_with_pictures, tmp_path):
-    from hvpmtl.engine.loop import pretrain
+    from hvpmtl.pretraining import pretrain
 
     names = sorted(p.name for p in (run_with_pictures / "pictures").iterdir())
     # every 2 steps and at the last one; 32 px images enlarged 4x; 3 images

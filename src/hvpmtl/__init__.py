@@ -13,12 +13,23 @@ Researchers with their own loop::
 
 from __future__ import annotations
 
+from hvpmtl.backbones import load_start_weights
 from hvpmtl.config import Config, ConfigError, load_config, save_config
 from hvpmtl.data.masking import MaskGenerator
 from hvpmtl.hvp import HVPMTL
 
 __version__ = "0.1.0"
-__all__ = ["HVPMTL", "Config", "ConfigError", "MaskGenerator", "build", "load_config", "mask_generator", "save_config"]
+__all__ = [
+    "HVPMTL",
+    "Config",
+    "ConfigError",
+    "MaskGenerator",
+    "build",
+    "load_backbone",
+    "load_config",
+    "mask_generator",
+    "save_config",
+]
 
 
 def build(cfg: Config, num_classes: int | None = None, init_weights: bool = True) -> HVPMTL:
@@ -27,12 +38,33 @@ def build(cfg: Config, num_classes: int | None = None, init_weights: bool = True
     With ``init_weights`` the backbone starts from ``backbone.pretrained``, ``pretrained_file`` or
     ``init_from`` when one is set, and the EMA teacher from a copy of it; pass ``False`` when other
     weights are loaded next (resuming a checkpoint)."""
-    from hvpmtl.backbones import load_start_weights
-
     model = HVPMTL(cfg.backbone, cfg.tasks, num_classes if num_classes is not None else cfg.data.num_classes)
-    if init_weights and load_start_weights(model.backbone, cfg.backbone) is not None and model.teacher is not None:
+    loaded = init_weights and load_start_weights(model.backbone, cfg.backbone, read_run=_run_backbone) is not None
+    if loaded and model.teacher is not None:
         model.teacher["backbone"].load_state_dict(model.backbone.state_dict())
     return model
+
+
+def _run_backbone(source: str, part: str):
+    """``backbone.init_from``: a previous run's backbone (run folders are read by :mod:`hvpmtl.runs`)."""
+    from hvpmtl.runs import Run
+
+    return Run(source).start_weights(part)
+
+
+def load_backbone(run, part: str = "student"):
+    """The timm model of a run's ``part`` (``"student"`` or ``"teacher"``) in eval mode, weights
+    loaded; ``run`` is a run folder, checkpoint or ``.safetensors`` file. Its ``pretrained_cfg``
+    holds the run's preprocessing, so ``timm.data.resolve_model_data_config(model)`` gives the
+    run's input size, mean, std, crop and interpolation::
+
+        model = hvpmtl.load_backbone("runs/cpu-tiny")
+        transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
+        features = model.forward_features(transform(image)[None])
+    """
+    from hvpmtl.runs import Run
+
+    return Run(run).timm_model(part)
 
 
 def mask_generator(cfg: Config) -> MaskGenerator:

@@ -33,7 +33,9 @@ class HVPMTL(nn.Module):
         num_classes: label vocabulary size ``C``; needed when MLC or MD is on.
 
     ``forward(batch)`` takes ``{"views": [v0, v1] (each B x 3 x H x W, normalised),
-    "mask": B x h x w bool (SimMIM units), "labels": B x C multi-hot}`` and returns
+    "mask": B x h x w bool (SimMIM units), "labels": B x C multi-hot}`` (optionally ``"known"``:
+    bool ``B x 1`` or ``B x C``, the tags MLC may read, and ``"known_counts"``, see
+    :func:`hvpmtl.objectives.mlc.weighted_asymmetric_loss`) and returns
     ``{"loss": total, "loss_<task>": unweighted part, ...}``. Call :meth:`after_step` after
     each optimiser step. The heads are attributes named by their objectives (``mlc``, ``swav``,
     ``mim``, ``teacher``), None while off.
@@ -181,7 +183,8 @@ class HVPMTL(nn.Module):
         """The forward proper, what :meth:`compile_forward` compiles: no host counters read."""
         views, mask = batch["views"], batch.get("mask")
         need = self._inputs()
-        step = Step(views, mask, batch.get("labels"), need, self._encode(views, mask, list(need.values())), phases)
+        step = Step(views, mask, batch.get("labels"), need, self._encode(views, mask, list(need.values())), phases,
+                    known=batch.get("known"), known_counts=batch.get("known_counts"))  # fmt: skip
         losses: dict[str, torch.Tensor] = {}
         out: dict[str, torch.Tensor] = {}
         for name in self.forward_order:

@@ -16,7 +16,7 @@ from torch._utils import ExceptionWrapper
 import hvpmtl
 from hvpmtl.cli import main
 from hvpmtl.config import ConfigError
-from hvpmtl.data import BadImageError, DataConfig, ImageFiles, ManifestImages, build_dataset, read_image
+from hvpmtl.data import BadImageError, DataConfig, ImageFiles, ImageLoading, ManifestImages, build_dataset, read_image
 from hvpmtl.data.skipped import SKIPPED_LIST, SKIPPED_PARTS, record_skipped_image, skipped_images_summary
 from hvpmtl.engine import run_dir as run_io
 
@@ -135,7 +135,7 @@ def test_decompression_bomb_is_a_bad_image(tmp_path: Path):
     limit = Image.MAX_IMAGE_PIXELS
     with pytest.raises(BadImageError, match=r"m\.csv:2: cannot read image .*bomb\.png: 20000x20000 .*max_image_pixels"):
         ManifestImages(tmp_path / "m.csv")[0]
-    skipping = ManifestImages(tmp_path / "m.csv", on_bad_image="skip")
+    skipping = ManifestImages(tmp_path / "m.csv", loading=ImageLoading(on_bad_image="skip"))
     with pytest.warns(UserWarning, match=r"m\.csv:2: skipping unreadable image .*bomb\.png"):
         assert skipping[0]["index"] == 1
     assert limit == Image.MAX_IMAGE_PIXELS  # PIL's global limit is left as it was
@@ -191,7 +191,8 @@ def test_worker_error_comes_back_as_its_one_line_message():
 
 def test_many_bad_images_in_a_row_stop_a_skipping_data_set(bad_files: Path):
     paths = [str(bad_files / n) for n in ("trunc.png", "zero.png", "text.png", "0.png")]
-    ds = ImageFiles(paths, [[0]] * 4, ["a"], "skip", origin="manifest m.csv", max_bad_in_a_row=3)
+    skip = ImageLoading(on_bad_image="skip")
+    ds = ImageFiles(paths, [[0]] * 4, ["a"], skip, origin="manifest m.csv", max_bad_in_a_row=3)
     with pytest.warns(UserWarning), pytest.raises(BadImageError, match=r"manifest m\.csv: 3 images in a row"):
         ds[0]
     assert ds[1]["index"] == 3  # two bad, then a readable one

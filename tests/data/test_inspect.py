@@ -14,6 +14,7 @@ from PIL import Image
 from hvpmtl.cli import main
 from hvpmtl.data import DataConfig, ManifestImages, SyntheticScenes
 from hvpmtl.data.inspect import inspect_dataset, markdown, scan_dataset, summarize
+from hvpmtl.viz.dataset import plot_dataset_report
 
 pytest.importorskip("matplotlib")
 
@@ -120,7 +121,7 @@ def test_generated_sets_are_read_item_by_item():
 def test_report_files(manifest, tmp_path):
     cfg = DataConfig(dataset="manifest", manifest=str(manifest))
     out = tmp_path / "report"
-    summary = inspect_dataset(cfg, 32, out=out, top=5, progress=False)
+    summary = inspect_dataset(cfg, 32, out=out, top=5, progress=False, plot=plot_dataset_report)
     saved = json.loads((out / "report.json").read_text())
     assert saved["counts"] == summary["counts"] and len(saved["problems"]) == 2
     md = (out / "report.md").read_text()
@@ -128,6 +129,18 @@ def test_report_files(manifest, tmp_path):
     for name in ("label_frequency.png", "labels_per_image.png", "image_sizes.png"):
         with Image.open(out / name) as im:
             assert im.format == "PNG" and im.size == (800, 450)
+
+
+def test_plots_come_from_the_caller(manifest, tmp_path):
+    out = tmp_path / "report"
+    inspect_dataset(DataConfig(dataset="manifest", manifest=str(manifest)), 32, out=out, top=5, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]  # no plot function: no plots
+    assert "(plots skipped: no plot function given)" in (out / "report.md").read_text()
+    drawn = []
+    cfg = DataConfig(dataset="manifest", manifest=str(manifest))
+    inspect_dataset(cfg, 32, out=out, top=5, progress=False, plot=lambda s, sizes, folder: drawn.append((s, folder)))
+    assert [(s["counts"]["images"], f) for s, f in drawn] == [(8, out)]
+    assert "![image sizes](image_sizes.png)" in (out / "report.md").read_text()
 
 
 def test_cli(manifest, tmp_path, capsys):
@@ -154,3 +167,12 @@ def test_report_md_escapes_names_in_table_cells(tmp_path):
     for line in md.splitlines():  # every table row is whole: no cell broke it
         assert not line.startswith("|") or line.endswith("|"), line
     assert not any(line.startswith("y") for line in md.splitlines())
+
+
+def test_cli_counts_untagged_images_and_says_what_mlc_does_with_them(manifest, tmp_path, capsys):
+    args = ["data", "inspect", "--out", str(tmp_path / "r"), "--workers", "0", "--quiet",
+            "data.dataset=manifest", f"data.manifest={manifest}"]  # fmt: skip
+    assert main(args) == 0
+    assert "1 without a tag (data.untagged=unknown: MLC leaves them out)" in capsys.readouterr().out
+    assert main([*args, "data.untagged=negative"]) == 0
+    assert "1 without a tag (data.untagged=negative: MLC trains them as all-negative)" in capsys.readouterr().out

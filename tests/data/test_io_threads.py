@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import hvpmtl
-from hvpmtl.data import BadImageError, ManifestImages, build_pretrain_dataset, collate_pretrain
+from hvpmtl.data import BadImageError, ImageLoading, ManifestImages, build_pretrain_dataset, collate_pretrain
 from hvpmtl.engine.sampler import GlobalBatchSampler
 
 
@@ -52,8 +52,7 @@ def test_threaded_reads_give_the_same_batches(manifest):
 
 
 def test_files_are_read_concurrently(manifest):
-    base = ManifestImages(manifest, root=manifest.parent)
-    base.io_threads = 4
+    base = ManifestImages(manifest, root=manifest.parent, loading=ImageLoading(io_threads=4))
     active, peak, lock = [0], [0], threading.Lock()
     read = base.file_bytes
 

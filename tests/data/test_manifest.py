@@ -14,6 +14,7 @@ from hvpmtl.data import (
     BadImageError,
     DataConfig,
     ImageFolderImages,
+    ImageLoading,
     ManifestImages,
     build_dataset,
     build_pretrain_dataset,
@@ -122,7 +123,7 @@ def test_corrupt_image_error_and_skip(images: Path, tmp_path: Path):
     m = _csv(tmp_path / "m.csv", ["sub/0.png,a", "sub/bad.png,b", "sub/2.png,c"])
     with pytest.raises(BadImageError, match=r"m\.csv:3: cannot read image .*bad\.png"):
         ManifestImages(m, images)[1]
-    ds = ManifestImages(m, images, on_bad_image="skip")
+    ds = ManifestImages(m, images, loading=ImageLoading(on_bad_image="skip"))
     with pytest.warns(UserWarning, match=r"m\.csv:3: skipping unreadable image .*bad\.png"):
         s = ds[1]
     assert s["index"] == 2 and s["labels"].tolist() == [0, 0, 1]  # the next sample

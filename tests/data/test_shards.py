@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from hvpmtl.data import ManifestImages, PretrainViews, SyntheticScenes, TwoViewTransform, read_image
+from hvpmtl.data import ImageLoading, ManifestImages, PretrainViews, SyntheticScenes, TwoViewTransform, read_image
 from hvpmtl.data.decode import BadImageError
 from hvpmtl.data.shard_stream import ShardStream
 from hvpmtl.data.shard_writer import write_shards
@@ -208,7 +208,7 @@ def test_unreadable_image_in_a_shard_is_named_or_replaced(tmp_path):
     kw = dict(global_batch=8, streams=1, shuffle_window=8)
     with pytest.raises(BadImageError, match=r"train-000000.tar:00000001.png: .*data.on_bad_image=skip"):
         list(ShardStream(index, None, **kw))
-    stream = ShardStream(index, None, on_bad_image="skip", **kw)
+    stream = ShardStream(index, None, loading=ImageLoading(on_bad_image="skip"), **kw)
     with pytest.warns(UserWarning, match="skipping unreadable image .*00000001.png"):
         (batch,) = list(stream)
     src = _source(8)

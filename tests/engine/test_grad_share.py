@@ -10,8 +10,8 @@ import torch
 import hvpmtl
 from hvpmtl.engine.distributed import DistEnv
 from hvpmtl.engine.grad_share import grad_shares
-from hvpmtl.engine.loop import pretrain
 from hvpmtl.engine.metrics import read_metrics
+from hvpmtl.pretraining import pretrain
 
 from .conftest import TINY
 

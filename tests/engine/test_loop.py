@@ -101,7 +101,7 @@ def test_nonfinite_steps_are_skipped_then_abort(run_cli, tmp_path):
 def test_skipped_step_leaves_weights_and_teacher_untouched(tmp_path):
     import hvpmtl
     from hvpmtl.engine.distributed import DistEnv
-    from hvpmtl.engine.loop import Trainer
+    from hvpmtl.pretraining import Trainer
 
     overrides = [*TINY, "train.max_steps=3", f"train.output_dir={tmp_path}"]
     cfg = hvpmtl.load_config("cpu-tiny", overrides)
@@ -141,7 +141,7 @@ def test_gradient_accumulation_matches_one_big_batch(run_cli, tmp_path, reductio
 def test_initial_weights_depend_on_the_seed_only(tmp_path):
     import hvpmtl
     from hvpmtl.engine.distributed import DistEnv
-    from hvpmtl.engine.loop import Trainer
+    from hvpmtl.pretraining import Trainer
 
     cfg = hvpmtl.load_config("cpu-tiny", [*TINY, f"train.output_dir={tmp_path}", "train.seed=7"])
     trainer = Trainer(cfg, DistEnv())

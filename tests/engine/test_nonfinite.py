@@ -14,8 +14,8 @@ import hvpmtl
 from hvpmtl.engine.checkpoint import list_checkpoints, load_checkpoint
 from hvpmtl.engine.distributed import DistEnv
 from hvpmtl.engine.faults import inject
-from hvpmtl.engine.loop import NonFiniteLossError, Trainer, pretrain
 from hvpmtl.engine.metrics import format_summary, summarize
+from hvpmtl.pretraining import NonFiniteLossError, Trainer, pretrain
 
 from .conftest import TINY, torchrun
 

@@ -44,7 +44,7 @@ def test_implementation_choice():
 
 def test_trainer_applies_schedules_per_step(tmp_path):
     from hvpmtl.engine.distributed import DistEnv
-    from hvpmtl.engine.loop import Trainer
+    from hvpmtl.pretraining import Trainer
 
     cfg = hvpmtl.load_config(
         "cpu-tiny", [*TINY, "train.max_steps=10", "optim.warmup_steps=4", "optim.weight_decay_end=0.5",
@@ -66,7 +66,7 @@ def test_frozen_prototypes_take_no_adamw_step(tmp_path):
     counts steps for them; the first update after the thaw is a first AdamW step (``lr`` per
     element), not one bias-corrected as if 3 zero gradients came before (SwAV's own loop)."""
     from hvpmtl.engine.distributed import DistEnv
-    from hvpmtl.engine.loop import Trainer
+    from hvpmtl.pretraining import Trainer
 
     cfg = hvpmtl.load_config("cpu-tiny", [*TINY, "data.num_workers=0", "train.max_steps=4", "optim.warmup_steps=0",
                                           f"train.output_dir={tmp_path}"])  # fmt: skip

@@ -159,3 +159,13 @@ def test_pretraining_resumed_with_another_schedule_warns(run_cli, tmp_path):
     assert rc == 0, err
     warning = [line for line in stdout.splitlines() if "with a changed config" in line]
     assert len(warning) == 1 and warning[0].endswith("train.max_steps 2 -> 3, train.seed 0 -> 5")
+
+
+def test_environment_records_the_package_version():
+    """The engine reads the version from the package metadata, not from the package root."""
+    import torch
+
+    import hvpmtl
+
+    info = rd.environment(1, torch.device("cpu"))
+    assert info["hvpmtl"] == hvpmtl.__version__

@@ -45,7 +45,7 @@ TINY_RUN = [
 def tiny_run(tmp_path_factory) -> Path:
     """A finished 4-step run: config.yaml, checkpoints at steps 2 and 4, model/backbone safetensors,
     metrics.csv with k-NN monitor columns."""
-    from hvpmtl.engine.loop import pretrain
+    from hvpmtl.pretraining import pretrain
 
     out = tmp_path_factory.mktemp("tiny-run") / "run"
     pretrain(hvpmtl.load_config(None, [*TINY_RUN, f"train.output_dir={out}"]))

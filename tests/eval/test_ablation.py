@@ -36,9 +36,9 @@ def test_default_run_is_table_5_and_each_objective_alone():
 
 
 def test_item_columns_show_items_at_the_mosaic_scale():
-    (probe,) = evaluations("synthetic", (10, 5), None)
+    (probe,) = evaluations("synthetic", (10, 5), None, mlc_head=False)
     assert probe.command == "linprobe" and not any("item_scale" in a for a in probe.args)
-    _, knn, item_probe = evaluations("fmnist-mosaic", (10, 5), (20, 8))
+    _, _, knn, item_probe = evaluations("fmnist-mosaic", (10, 5), (20, 8))
     assert knn.command == "knn" and item_probe.command == "linprobe"
     assert "data.item_scale=0.5" in knn.args and "data.item_scale=0.5" in item_probe.args
     plan = Ablation(Path("abl"), None, [], ["full"], [0], [knn, item_probe])

@@ -17,7 +17,7 @@ import hvpmtl
 from hvpmtl.cli import main
 from hvpmtl.config import ConfigError, load_config
 from hvpmtl.engine.checkpoint import write_checksum
-from hvpmtl.engine.loop import pretrain
+from hvpmtl.pretraining import pretrain
 
 from .conftest import TINY_RUN
 

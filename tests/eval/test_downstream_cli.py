@@ -55,7 +55,7 @@ def test_monitor_equals_the_knn_command_on_the_same_checkpoint(tiny_run, capsys)
 def test_monitor_columns_follow_the_run(tmp_path):
     """No teacher column without a teacher (MD off); no k-NN columns in a run shorter than knn_every."""
     import hvpmtl
-    from hvpmtl.engine.loop import pretrain
+    from hvpmtl.pretraining import pretrain
 
     from .conftest import TINY_RUN
 

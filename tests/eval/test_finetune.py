@@ -1,4 +1,4 @@
-"""eval/finetune.py and eval/trainer.py: layer-wise lr decay, weight loading, end-to-end fine-tuning."""
+"""eval/finetune.py and eval/downstream.py: layer-wise lr decay, weight loading, end-to-end fine-tuning."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import hvpmtl
 from hvpmtl.config import load_config
 from hvpmtl.engine.distributed import DistEnv
 from hvpmtl.eval.config import FinetuneRunConfig
+from hvpmtl.eval.downstream import layer_decay_groups
 from hvpmtl.eval.finetune import build_classifier, run_finetune
-from hvpmtl.eval.trainer import layer_decay_groups
 from hvpmtl.eval.weights import Weights, resolve_weights
 
 from .conftest import needs_fmnist

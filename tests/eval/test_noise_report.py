@@ -160,7 +160,7 @@ def test_noise_report_without_injected_noise_and_bad_input(tiny_run, tmp_path, c
 @pytest.mark.slow
 def test_a_run_without_teacher_is_scored_by_the_student(tmp_path, capsys):
     import hvpmtl
-    from hvpmtl.engine.loop import pretrain
+    from hvpmtl.pretraining import pretrain
 
     from .conftest import TINY_RUN
 
@@ -194,7 +194,7 @@ def test_trust_rule_compares_the_held_out_map_with_chance():
 
 
 def test_noise_report_gives_the_held_out_map_and_warns_on_a_head_near_chance(tmp_path, capsys):
-    from hvpmtl.engine.loop import pretrain
+    from hvpmtl.pretraining import pretrain
 
     from .test_class_names import manifest_config, write_manifest
 

@@ -19,6 +19,7 @@ from torch import nn
 from hvpmtl.backbones.base import MaskedBackbone
 from hvpmtl.backbones.swin import MaskedSwin
 from hvpmtl.backbones.vit import MaskedViT
+from hvpmtl.config_io import coerce_value
 from hvpmtl.reprs import short_repr, short_text
 
 if TYPE_CHECKING:
@@ -103,8 +104,6 @@ def timm_kwargs(cfg: BackboneConfig) -> dict[str, Any]:
 def check_timm_kwargs(cfg: BackboneConfig, prefix: str = "backbone") -> None:
     """Every ``kwargs`` entry must be an argument of the timm model's constructor (or of
     ``timm.create_model``) with a value of its annotated type; raise naming ``<prefix>.kwargs.<key>``."""
-    from hvpmtl.config import coerce_value
-
     model_class = adapter_for(cfg.name, prefix).timm_class
     params = inspect.signature(model_class.__init__).parameters
     create_params = set(inspect.signature(timm.create_model).parameters) - {"model_name", "pretrained", "kwargs"}

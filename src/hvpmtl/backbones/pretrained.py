@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from hvpmtl.config_io import ConfigError
 
 if TYPE_CHECKING:
     from hvpmtl.backbones import BackboneConfig
@@ -32,9 +35,15 @@ PARTS = ("student", "teacher")
 _HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm reads from a hub repo, in its order
 
 
-def _error(message: str) -> ValueError:
-    from hvpmtl.config import ConfigError  # hvpmtl.config imports this package
+class StartWeights(NamedTuple):
+    """A previous run's backbone as a new run's start, read above this package (:mod:`hvpmtl.runs`)."""
 
+    state: dict[str, torch.Tensor]  # timm keys
+    label: str  # how logs name it, e.g. "prev teacher step 300"
+    name: str  # the timm name of the backbone it belongs to
+
+
+def _error(message: str) -> ValueError:
     return ConfigError(message)
 
 
@@ -194,9 +203,16 @@ def start_source(cfg: BackboneConfig) -> str | None:
     return None
 
 
-def load_start_weights(backbone: MaskedBackbone, cfg: BackboneConfig, prefix: str = "backbone") -> str | None:
+def load_start_weights(
+    backbone: MaskedBackbone,
+    cfg: BackboneConfig,
+    prefix: str = "backbone",
+    read_run: Callable[[str, str], StartWeights] | None = None,
+) -> str | None:
     """Load the weights ``cfg`` starts from into ``backbone`` (in place) and say where they came
-    from; ``None`` (nothing loaded) for a random initialisation."""
+    from; ``None`` (nothing loaded) for a random initialisation. ``read_run(init_from, part)``
+    reads a previous run's backbone (``hvpmtl.build`` passes :meth:`hvpmtl.runs.Run.start_weights`;
+    run folders are read above this package); its ``ValueError`` is reported under the key."""
     if cfg.pretrained:
         key = _key(prefix, "pretrained")
         path = cached_pretrained_file(cfg.name, key)
@@ -207,14 +223,14 @@ def load_start_weights(backbone: MaskedBackbone, cfg: BackboneConfig, prefix: st
         load_timm_state(backbone, read_state_file(cfg.pretrained_file, key), f"{key}={cfg.pretrained_file}", cfg.name)
         return start_source(cfg)
     if cfg.init_from:
-        from hvpmtl.eval.weights import WeightsError, resolve_weights
-
         key = _key(prefix, "init_from")
+        if read_run is None:
+            raise _error(f"{key}: no reader of run folders given (build the model with hvpmtl.build)")
         try:
-            weights = resolve_weights(cfg.init_from, teacher=cfg.init_from_part == "teacher")
-        except WeightsError as err:
+            weights = read_run(cfg.init_from, cfg.init_from_part)
+        except ValueError as err:  # the run's files: unreadable, or no such part
             raise _error(f"{key}: {err}") from None
-        where = f"{key}={cfg.init_from} ({weights.label}, a {weights.backbone.name})"
+        where = f"{key}={cfg.init_from} ({weights.label}, a {weights.name})"
         load_timm_state(backbone, weights.state, where, cfg.name)
         return weights.label
     return None

@@ -1,10 +1,12 @@
 """Command line: ``hvpmtl COMMAND`` (also ``python -m hvpmtl``).
 
-Pre-training: ``pretrain``, ``demo``, ``presets``, ``config``. Downstream evaluation of any run,
-checkpoint or backbone file: ``knn``, ``linprobe``, ``finetune``, ``detect``, ``segment``,
-``mlc-head``. Data: ``data export``. Ablations: ``ablate``. Pictures: ``visualize``. Configs are a
-preset name or a YAML path plus dotted ``key=value`` overrides; a bad key, value, file or
-checkpoint stops the command at once with ``error: ...`` on stderr and exit status 2.
+Pre-training: ``pretrain``, ``demo`` (``demo --quick``: a one-minute check of the install),
+``presets``, ``config``; ``hvpmtl --version`` prints the installed version. Downstream evaluation
+of any run, checkpoint or backbone file: ``knn``, ``linprobe``, ``finetune``, ``detect``,
+``segment``, ``mlc-head``. Data: ``data export | convert | shard | inspect``. Ablations:
+``ablate``. Pictures: ``visualize``. Configs are a preset name or a YAML path plus dotted
+``key=value`` overrides; a bad key, value, file or checkpoint stops the command at once with
+``error: ...`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,14 +19,27 @@ from hvpmtl.cli.pretrain import DEFAULT_PRESET, cmd_config, cmd_demo, cmd_preset
 __all__ = ["build_parser", "main"]
 
 
+def package_version() -> str:
+    """The installed distribution's version; the source tree's when run without installing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hvpmtl")
+    except PackageNotFoundError:
+        from hvpmtl import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from hvpmtl.cli import ablate, data, downstream, noise_report, visualize
+    from hvpmtl.cli import ablate, data, downstream, export, noise_report, visualize
 
     parser = argparse.ArgumentParser(
         prog="hvpmtl",
         description="HVP-MTL pre-training (multi-label classification + SwAV + SimMIM + momentum distillation) "
         "and its downstream evaluation.",
     )
+    parser.add_argument("--version", action="version", version=f"hvpmtl {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     over = {"nargs": "*", "metavar": "key=value", "help": "dotted config overrides, e.g. optim.lr=2e-4"}
 
@@ -38,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="pre-train cpu-tiny on synthetic data and report linear-probe mAP")
     p.add_argument("--output-dir", help="run folder (default: runs/demo-<time>)")
+    p.add_argument("--quick", action="store_true",
+                   help="a one-minute check that the install works: a tiny model, 20 steps, one probe")  # fmt: skip
     p.add_argument("overrides", **over)
     p.set_defaults(func=cmd_demo)
 
@@ -46,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved pre-training config of a preset plus overrides")
     p.add_argument("--config", "-c", help=f"preset name or YAML path (default: {DEFAULT_PRESET})")
+    p.add_argument("--explain", nargs="?", const="", metavar="KEY",
+                   help="print each key's type, default and help (a key, a block such as tasks.mlc, or all)")
     p.add_argument("overrides", **over)
     p.set_defaults(func=cmd_config)
 
@@ -54,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_parsers(sub, over)
     visualize.add_parsers(sub)
     noise_report.add_parsers(sub)
+    export.add_parsers(sub)
     return parser
 
 

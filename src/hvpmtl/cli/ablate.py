@@ -38,9 +38,10 @@ def add_parsers(sub, over: dict) -> None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
+    from hvpmtl.cli import main
     from hvpmtl.config import ConfigError, load_config
     from hvpmtl.data.fmnist import DEFAULT_ROOT
-    from hvpmtl.eval.ablation import SMOKE, Ablation, evaluations, mix_overrides
+    from hvpmtl.eval.ablation import Ablation, evaluations, mix_overrides, smoke_overrides
 
     preset = args.config or ABLATION_PRESET
     mixes = list(dict.fromkeys(m.strip() for m in args.mixes.split(",") if m.strip()))
@@ -49,9 +50,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError as err:
         raise ConfigError(f"--seeds {args.seeds}: give comma-separated integers") from err
-    overrides = [*(SMOKE if args.smoke else []), *args.overrides]
+    smoke = smoke_overrides(load_config(preset, args.overrides).data.dataset) if args.smoke else []
+    overrides = [*smoke, *args.overrides]
+    trains_mlc = False  # the MLC-head column: when some mix trains MLC
     for mix in mixes:  # every cell's config must load before anything runs
         cfg = load_config(preset, [*overrides, *mix_overrides(mix)])
+        trains_mlc = trains_mlc or cfg.tasks.mlc.weight > 0
     if not mixes or not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ConfigError(f"--mixes {args.mixes} --seeds {args.seeds}: give mixes and distinct seeds >= 0")
     images = (48, 24) if args.smoke else tuple(args.images)
@@ -61,8 +65,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     root = Path(cfg.data.root or DEFAULT_ROOT)
     if items and not any(root.glob("t10k-images-idx3-ubyte*")):
         raise ConfigError(f"--items: no Fashion-MNIST IDX files under {root} (or pass --no-items)")
-    plan = Ablation(Path(args.out), preset, overrides, mixes, seeds,
-                    evaluations(cfg.data.dataset, images, items), args.launcher)  # fmt: skip
+    plan = Ablation(Path(args.out), preset, overrides, mixes, seeds, evaluations(cfg.data.dataset, images, items,
+                    trains_mlc), args.launcher, run_command=main)  # fmt: skip
     plan.out.mkdir(parents=True, exist_ok=True)
     try:
         plan.run()

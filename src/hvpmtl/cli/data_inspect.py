@@ -10,7 +10,9 @@ import os
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from hvpmtl.config import ConfigError, load_config
+    from hvpmtl.data.config import has_effect
     from hvpmtl.data.inspect import inspect_dataset
+    from hvpmtl.viz.dataset import plot_dataset_report
 
     for name, low in (("limit", 0), ("top", 1), ("workers", 0)):
         if getattr(args, name) < low:
@@ -19,7 +21,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         summary = inspect_dataset(
             cfg.data, cfg.backbone.img_size, args.split, args.out, args.limit, args.verify, args.top,
-            args.workers, progress=not args.quiet,
+            args.workers, progress=not args.quiet, plot=plot_dataset_report,
         )  # fmt: skip
     except ValueError as err:  # a malformed listing, a bad config value
         raise ConfigError(str(err)) from err
@@ -28,6 +30,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     bad = c["missing"] + c["corrupt"] + c["too_large"]
     print(f"{scanned}, {c['classes']} classes, {summary['labels_per_image']['mean']:.2f} tags per image; "
           f"missing {c['missing']}, corrupt {c['corrupt']}, over the pixel limit {c['too_large']}")  # fmt: skip
+    if c["untagged"] and has_effect("untagged", cfg.data.dataset):
+        what = {"unknown": "MLC leaves them out", "negative": "MLC trains them as all-negative"}[cfg.data.untagged]
+        print(f"{c['untagged']} without a tag (data.untagged={cfg.data.untagged}: {what})")
     for p in summary["problems"][:5]:
         print(f"  {p['kind']}: {p['where']}: {p['reason']}")
     if bad > 5:

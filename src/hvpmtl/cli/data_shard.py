@@ -11,6 +11,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
     from hvpmtl.data import build_dataset
     from hvpmtl.data.shard_writer import write_shards
 
+    if not 1 <= args.quality <= 100:
+        raise ConfigError(f"--quality={args.quality}: JPEG quality must be in [1, 100]")
     cfg = load_config(args.config, args.overrides)
     try:
         ds = build_dataset(cfg.data, cfg.backbone.img_size, args.split)

@@ -141,24 +141,25 @@ def _train_command(command: str, cfg, weights, run_dir: Path, env) -> dict:
 def cmd_mlc_head(args: argparse.Namespace) -> int:
     from hvpmtl.config import to_dict
     from hvpmtl.eval.config import FeatureEvalConfig
-    from hvpmtl.eval.heads import load_pretrained_model, mlc_head_metrics
+    from hvpmtl.eval.heads import mlc_head_metrics
     from hvpmtl.eval.identity import data_tag
     from hvpmtl.eval.report import data_label, write_result
+    from hvpmtl.runs import Run
 
     args.source, args.overrides = split_source(args.args)
     if args.source is None:
         raise ConfigError("give the run folder, model.safetensors or checkpoint whose MLC head to score")
-    _, run_cfg = load_pretrained_model(args.source)
+    run = Run(args.source)
+    _, run_cfg = run.model()
     base = {"data": run_source(to_dict(run_cfg.data))}
     cfg = load_config(None, args.overrides, cls=FeatureEvalConfig, base=base)
     metrics = mlc_head_metrics(args.source, cfg.data, cfg.eval_images, args.teacher, cfg.eval_split)
     if metrics is None:
         raise ConfigError(f"{args.source}: this run trained no MLC head (tasks.mlc.weight was 0)")
-    src = Path(args.source)
-    run = src if src.is_dir() else (src.parent.parent if src.parent.name == "checkpoints" else src.parent)
     who = "teacher" if args.teacher else "student"
-    write_result(run / "eval", f"mlc-head-{data_tag(cfg)}-{who}", "mlc-head", f"{run.name} {who} MLC head",
-                 f"{data_label(cfg.data)} ({cfg.eval_split} {cfg.eval_images or 'all'})", metrics, {})  # fmt: skip
+    data = f"{data_label(cfg.data)} ({cfg.eval_split} {cfg.eval_images or 'all'})"
+    label = f"{run.folder.name} {who} MLC head"
+    write_result(run.folder / "eval", f"mlc-head-{data_tag(cfg)}-{who}", "mlc-head", label, data, metrics, {})
     return 0
 
 

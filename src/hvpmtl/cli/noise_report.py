@@ -16,28 +16,22 @@ from hvpmtl.config import ConfigError, load_config
 INHERITED = ("label_noise",)  # besides the downstream commands' SOURCE_KEYS
 
 
-def run_folder(source: Path) -> Path:
-    """The run folder of a run folder, its model.safetensors or one of its checkpoints."""
-    if source.is_dir():
-        return source
-    return source.parent.parent if source.parent.name == "checkpoints" else source.parent
-
-
 def cmd_noise_report(args: argparse.Namespace) -> int:
     from hvpmtl.cli.downstream import SOURCE_KEYS, run_source, split_source
     from hvpmtl.config import to_dict
-    from hvpmtl.eval.heads import load_pretrained_model
     from hvpmtl.eval.noise_report import NoiseReportConfig, run_noise_report
+    from hvpmtl.runs import Run
 
     source, overrides = split_source(args.args)
     if source is None:
         raise ConfigError("give the run folder, model.safetensors or checkpoint whose teacher checks the tags")
     flags = {"split": args.split, "top": args.top, "run.output_dir": args.out}
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + overrides
-    model, run_cfg = load_pretrained_model(source)
+    run = Run(source)
+    model, run_cfg = run.model()
     base = {"data": run_source(to_dict(run_cfg.data), (*SOURCE_KEYS, *INHERITED))}
     cfg = load_config(None, overrides, cls=NoiseReportConfig, base=base)
-    out = Path(cfg.run.output_dir) if cfg.run.output_dir else run_folder(Path(source)) / "eval" / f"noise-{cfg.split}"
+    out = Path(cfg.run.output_dir) if cfg.run.output_dir else run.folder / "eval" / f"noise-{cfg.split}"
     run_noise_report(source, cfg, out, loaded=(model, run_cfg))
     return 0
 

@@ -13,24 +13,20 @@ from pathlib import Path
 from hvpmtl.config import ConfigError
 
 
-def _run_dir(source: Path) -> Path:
-    if source.is_dir():
-        return source
-    return source.parent.parent if source.parent.name == "checkpoints" else source.parent
-
-
 def cmd_visualize(args: argparse.Namespace) -> int:
+    from hvpmtl.runs import run_folder
+
     source = Path(args.run)
     if not source.exists():
         raise FileNotFoundError(f"{source}: no such run folder, model.safetensors or checkpoint")
-    out = Path(args.out) if args.out else _run_dir(source) / "pictures" / f"{args.kind}.png"
+    out = Path(args.out) if args.out else run_folder(source) / "pictures" / f"{args.kind}.png"
     if args.kind == "curves":
         try:
             from hvpmtl.viz.curves import plot_curves
         except ImportError as err:
             raise ConfigError(f"hvpmtl visualize curves needs matplotlib: pip install 'hvpmtl[viz]' ({err})") from None
         try:
-            path = plot_curves(_run_dir(source), out)
+            path = plot_curves(run_folder(source), out)
         except ValueError as err:  # an unreadable eval/*.json
             raise ConfigError(str(err)) from None
         print(f"wrote {path}")
@@ -39,11 +35,11 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     top_k, teacher = getattr(args, "top_k", 3), getattr(args, "teacher", False)
     if args.count < 1 or args.scale < 0 or top_k < 1:
         raise ConfigError("--count and --top-k must be >= 1, --scale >= 0 (0: about 128 pixels per image)")
-    from hvpmtl.eval.heads import load_pretrained_model
+    from hvpmtl.runs import Run
     from hvpmtl.viz.grid import save_png
     from hvpmtl.viz.pictures import make_pictures, picture_set
 
-    model, cfg = load_pretrained_model(source)
+    model, cfg = Run(source).model()
     if args.kind == "recon" and model.mim is None:
         raise ConfigError(f"{source}: this run trained no MIM decoder (tasks.mim.weight was 0)")
     if args.kind == "attention" and model.mlc is None:

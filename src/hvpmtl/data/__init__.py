@@ -8,7 +8,9 @@ Public entry points:
   ``fmnist-mosaic`` or ``fmnist`` (single items, for downstream evaluation), ``emoji`` (scenes of
   2-4 emoji tagged with their CLDR keywords: ~130 tags, ``hvpmtl.data.emoji``), or one of the users'
   formats ``coco``, ``voc``, ``openimages``, ``tencent`` (``hvpmtl.data.formats``). Splits:
-  ``train``, ``val``, ``test``.
+  ``train``, ``val``, ``test``. Each name is a builder registered with ``register_source``
+  (``hvpmtl.data.sources``; ``registered_sources()`` lists them); file-backed readers load images
+  as one ``ImageLoading`` says (``hvpmtl.data.loading``: bad-image policy, pixel limit, ...).
 * ``build_view_transform(cfg)`` and ``build_eval_transform(cfg)`` take the root
   ``hvpmtl.config.Config`` (they read ``cfg.backbone.img_size``, ``cfg.tasks.mim`` and
   ``cfg.data``).
@@ -16,8 +18,9 @@ Public entry points:
   the other steps' parameters per sample) and ``DeviceViews(transform)(batch, device)`` finishes
   a collated batch on the device.
 * ``build_pretrain_dataset(cfg, split)`` = ``PretrainViews(build_dataset(...),
-  build_view_transform(cfg), seed=cfg.train.seed)``; batch it with ``collate_pretrain``. Images it
-  skips (``data.on_bad_image=skip``) are listed in ``cfg.train.output_dir``;
+  build_view_transform(cfg), seed=cfg.train.seed)``, images loaded as ``pretrain_loading(cfg)``
+  says; batch it with ``collate_pretrain``. Images it skips (``data.on_bad_image=skip``) are listed
+  in ``cfg.train.output_dir``;
   ``skipped_images_summary(run_dir)`` merges that list and gives the line a run prints at its end.
 * ``read_image(path, max_pixels)`` decodes any image file to uint8 RGB (``hvpmtl.data.decode``);
   unusable images raise ``BadImageError`` naming the file (and its manifest line).
@@ -35,21 +38,22 @@ reads ``data.shards`` (train) or ``data.val_shards`` (``hvpmtl.data.shards``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from torch.utils.data import Dataset
 
-from hvpmtl.data.config import DATASETS, FORMATS, DataConfig
+from hvpmtl.data.config import DATASETS, DataConfig
 from hvpmtl.data.decode import BadImageError
 from hvpmtl.data.device_views import DeviceViews, TwoViewCrops
-from hvpmtl.data.fmnist import DEFAULT_ROOT as FMNIST_ROOT
 from hvpmtl.data.fmnist import FashionMNISTItems, FashionMNISTMosaic
-from hvpmtl.data.formats import FormatImages, build_format_dataset
+from hvpmtl.data.formats import FormatImages  # registers the formats' sources
+from hvpmtl.data.loading import ImageLoading
 from hvpmtl.data.manifest import ImageFiles, ImageFolderImages, ManifestImages, read_class_names, read_image
 from hvpmtl.data.masking import MaskGenerator, upsample_mask
 from hvpmtl.data.skipped import skipped_images_summary
+from hvpmtl.data.sources import SPLITS, register_source, registered_source, registered_sources, vocabulary
 from hvpmtl.data.synthetic import SyntheticScenes, noisy_labels
+from hvpmtl.data.tags import pretrain_tag_policy
 from hvpmtl.data.views import (
     EvalImages,
     EvalTransform,
@@ -57,6 +61,7 @@ from hvpmtl.data.views import (
     SeededItems,
     TwoViewTransform,
     collate_pretrain,
+    pretrain_loading,
     reduced_decode_side,
     view_seed,
 )
@@ -72,6 +77,7 @@ __all__ = [
     "FashionMNISTMosaic",
     "ImageFiles",
     "ImageFolderImages",
+    "ImageLoading",
     "ManifestImages",
     "MaskGenerator",
     "PretrainViews",
@@ -87,94 +93,26 @@ __all__ = [
     "noisy_labels",
     "read_class_names",
     "read_image",
+    "reduced_decode_side",
+    "register_source",
+    "registered_sources",
     "skipped_images_summary",
     "upsample_mask",
     "view_seed",
 ]
 
-SPLITS = {"train": 0, "val": 1, "test": 2}  # also the stream of generated data sets
 
-
-def _vocabulary(cfg: DataConfig) -> list[str] | None:
-    if cfg.classes_file:
-        try:
-            return read_class_names(cfg.classes_file)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"data.classes_file: {err}") from err
-    return list(cfg.classes) or None
-
-
-def _manifest(cfg: DataConfig, split: str) -> ManifestImages:
-    key = "manifest" if split == "train" else "val_manifest"
-    path = getattr(cfg, key)
-    if not path:
-        raise ValueError(f"data.{key}: not set (the {split} split of data.dataset=manifest reads it)")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"data.{key}: file not found: {path}")
-    if cfg.root and not Path(cfg.root).is_dir():
-        raise FileNotFoundError(f"data.root: folder not found: {cfg.root}")
-    return ManifestImages(path, cfg.root, _vocabulary(cfg), cfg.check_files, cfg.on_bad_image, cfg.max_image_pixels)
-
-
-def _imagefolder(cfg: DataConfig, split: str) -> ImageFolderImages:
-    root = Path(cfg.root)
-    if not cfg.root or not root.is_dir():
-        raise FileNotFoundError(f"data.root: folder not found: {cfg.root!r} (data.dataset=imagefolder)")
-    if (root / split).is_dir():
-        root = root / split
-    elif split != "train":
-        raise FileNotFoundError(f"data.root: no '{split}' folder in {cfg.root} (data.dataset=imagefolder)")
-    try:
-        ds = ImageFolderImages(root, cfg.on_bad_image, cfg.max_image_pixels)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"data.root: {err}") from err
-    vocab = _vocabulary(cfg)
-    if vocab is not None and vocab != ds.classes:
-        raise ValueError(f"data.classes: {vocab} differ from the class folders of {root}: {ds.classes}")
-    return ds
-
-
-def build_dataset(cfg_data: DataConfig, img_size: int, split: str = "train") -> Dataset:
-    """The ``split`` of the data set ``cfg_data`` describes (see the module docstring)."""
+def build_dataset(
+    cfg_data: DataConfig, img_size: int, split: str = "train", loading: ImageLoading | None = None
+) -> Dataset:
+    """The ``split`` of the data set ``cfg_data`` describes (see the module docstring), from the builder
+    registered for ``cfg_data.dataset`` (:mod:`hvpmtl.data.sources`); file-backed readers load images as
+    ``loading`` says (default: ``ImageLoading.from_config(cfg_data)``)."""
     cfg = cfg_data
     if split not in SPLITS:
         raise ValueError(f"split '{split}' unknown (choose from {', '.join(SPLITS)})")
-    if cfg.dataset not in DATASETS:
-        raise ValueError(f"data.dataset: unknown '{cfg.dataset}' (choose from {', '.join(DATASETS)})")
-    size = cfg.train_size if split == "train" else cfg.val_size
-    noise = cfg.label_noise if split == "train" else 0.0
-    if cfg.dataset == "synthetic":
-        ds: Any = SyntheticScenes(size, img_size, cfg.seed, SPLITS[split], noise, tags=cfg.synthetic_tags)
-    elif cfg.dataset in ("fmnist-mosaic", "fmnist"):
-        root = cfg.root or FMNIST_ROOT
-        if not Path(root).is_dir():
-            raise FileNotFoundError(
-                f"data.root: folder not found: {root} ({cfg.dataset} needs the Fashion-MNIST IDX files; "
-                "on Debian/Ubuntu: apt-get install dataset-fashion-mnist)"
-            )
-        try:
-            if cfg.dataset == "fmnist":
-                ds = FashionMNISTItems(root, split, size, img_size, cfg.item_scale)
-            else:
-                ds = FashionMNISTMosaic(root, split, size, img_size, cfg.seed, SPLITS[split], noise)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"data.root: {err}") from err
-    elif cfg.dataset == "emoji":
-        from hvpmtl.data.emoji import EmojiScenes  # Pillow's font code only where asked for
-
-        ds = EmojiScenes(split, size, img_size, cfg.seed, SPLITS[split], noise, cfg.emoji_min_count)
-    elif cfg.dataset == "manifest":
-        ds = _manifest(cfg, split)
-    elif cfg.dataset in FORMATS:
-        ds = build_format_dataset(cfg, split, _vocabulary(cfg))
-    elif cfg.dataset == "shards":
-        from hvpmtl.data.shards import ShardImages, load_shard_index
-
-        key = "shards" if split == "train" else "val_shards"
-        index = load_shard_index(getattr(cfg, key), f"data.{key}", _vocabulary(cfg))
-        ds = ShardImages(index, cfg.on_bad_image, cfg.max_image_pixels)
-    else:
-        ds = _imagefolder(cfg, split)
+    source = registered_source(cfg.dataset)
+    ds = source.build(cfg, split, img_size, loading or ImageLoading.from_config(cfg))
     if cfg.num_classes is not None and cfg.num_classes != len(ds.classes):
         raise ValueError(f"data.num_classes={cfg.num_classes} but the {cfg.dataset} data has {len(ds.classes)} classes")
     return ds
@@ -216,20 +154,16 @@ def build_pretrain_dataset(cfg: Any, split: str = "train") -> Dataset:
     if cfg.data.dataset == "shards" and split == "train":
         from hvpmtl.data.shard_stream import pretrain_stream
 
-        return pretrain_stream(cfg, _vocabulary(cfg.data), build_view_transform(cfg))
-    base = build_dataset(cfg.data, cfg.backbone.img_size, split)
-    _check_tags(base, cfg)
-    if isinstance(base, ImageFiles):
-        base.decode_min_side = reduced_decode_side(cfg)  # large JPEGs decode at what the views need
-        base.io_threads = cfg.data.io_threads
-        if cfg.train.output_dir:
-            base.skip_log_dir = Path(cfg.train.output_dir)
-    return PretrainViews(base, build_view_transform(cfg), seed=cfg.train.seed)
+        return pretrain_stream(cfg, vocabulary(cfg.data), build_view_transform(cfg))
+    base = build_dataset(cfg.data, cfg.backbone.img_size, split, pretrain_loading(cfg))
+    _check_tags(base, cfg.tasks.label_readers())
+    tags = pretrain_tag_policy(cfg.data, base, split)  # data.untagged, data.tagged_fraction
+    return PretrainViews(base, build_view_transform(cfg), seed=cfg.train.seed, tags=tags)
 
 
-def _check_tags(base: Dataset, cfg: Any) -> None:
-    """A manifest (or format) without a single tag cannot train the tasks that read tags (MLC, distillation)."""
-    readers = [f"tasks.{t}" for t in ("mlc", "distill") if getattr(cfg.tasks, t).weight > 0]
+def _check_tags(base: Dataset, readers: list[str]) -> None:
+    """A manifest (or format) without a single tag cannot train the tasks that read tags (``readers``:
+    their ``tasks.<name>`` keys, :meth:`hvpmtl.objectives.base.TasksConfig.label_readers`)."""
     if isinstance(base, FormatImages) and base.num_tagged == 0 and readers:
         raise ValueError(
             f"{base.annotations}: no tags: none of the {len(base)} images has a positive label, and "

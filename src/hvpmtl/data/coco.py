@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from hvpmtl.engine.checkpoint import atomic_write
+from hvpmtl.files import atomic_write
 
 __all__ = ["CocoInstances", "annotation_file", "export_coco", "source_info"]
 

@@ -7,9 +7,13 @@ from dataclasses import dataclass, field, replace
 
 from hvpmtl.reprs import short_repr
 
+# The data.dataset values, declared here beside the keys (checking a config needs no reader), each built by
+# the builder registered for it in hvpmtl.data.sources (register_source refuses a name not listed here;
+# tests/data/test_sources.py checks that every name has one, and SOURCE_SPECIFIC_KEYS names only these).
 FORMATS = ("coco", "voc", "openimages", "tencent")  # readers in hvpmtl.data.formats
 DATASETS = ("synthetic", "manifest", "imagefolder", "fmnist-mosaic", "fmnist", "emoji", *FORMATS, "shards")
 BAD_IMAGE_POLICIES = ("error", "skip")
+UNKNOWN_POLICIES = ("unknown", "negative")  # data.untagged, data.unannotated: what a missing tag means to MLC
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # PIL's default Image.MAX_IMAGE_PIXELS
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -17,8 +21,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _GENERATED = ("synthetic", "fmnist-mosaic", "emoji")
 _FILES = ("manifest", "imagefolder", *FORMATS)  # image files read one by one (hvpmtl.data.manifest.ImageFiles)
 _VOCABULARY = (*_FILES, "shards")  # sources whose classes come from the data (or a given vocabulary)
-# Each source-specific key -> the data.dataset values it has an effect with (hvpmtl.data.build_dataset and
-# the readers it calls); every other data.* key applies to any source. A key set (its value differs from
+# Each source-specific key -> the data.dataset values it has an effect with (the builders of
+# hvpmtl.data.sources and the readers they call; Source.keys is this table read per source); every other
+# data.* key applies to any source. A key set (its value differs from
 # the default) for a source that does not read it is refused (check_source_keys) instead of ignored.
 SOURCE_SPECIFIC_KEYS: dict[str, tuple[str, ...]] = {
     "manifest": ("manifest",),
@@ -48,6 +53,11 @@ SOURCE_SPECIFIC_KEYS: dict[str, tuple[str, ...]] = {
     "item_scale": ("fmnist",),
     "synthetic_tags": ("synthetic",),
     "emoji_min_count": ("emoji",),
+    # sources where an image may have no tag (imagefolder and fmnist: every image has its class;
+    # openimages: data.unannotated instead); generated sets: with tagged_fraction < 1 (or label noise)
+    "untagged": ("manifest", "shards", "coco", "voc", "tencent", *_GENERATED),
+    "unannotated": ("openimages",),
+    "tagged_fraction": _GENERATED,
 }
 
 
@@ -75,6 +85,8 @@ class DataConfig:
     check_files: bool = True  # manifest and formats: every image file must exist at construction
     on_bad_image: str = "error"  # error | skip (substitute the next sample, list the file in <run>/skipped_images.txt)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are bad images (decompression bombs); 0 = no limit
+    untagged: str = "unknown"  # an image without a tag: unknown (MLC skips it; SwAV, MIM, MD train on it) | negative
+    unannotated: str = "unknown"  # openimages: a class neither verified present nor absent: unknown | negative
 
     # users' formats (dataset coco | voc | openimages | tencent; layouts in hvpmtl.data.formats)
     annotations: str = ""  # train split: instances_<split>.json | ImageSets/Main/<split>.txt | Open Images
@@ -96,6 +108,7 @@ class DataConfig:
     train_size: int = 10000
     val_size: int = 2000
     label_noise: float = 0.0  # train split only: drop each tag / add a spurious one with prob r
+    tagged_fraction: float = 1.0  # pre-training's train split: this fraction of images keeps its tags (seeded by index)
     item_scale: float = 1.0  # fmnist: item side / image side (0.5 = the items' size in fmnist-mosaic)
     synthetic_tags: str = "shapes"  # synthetic: shapes (10 tags) | attributes (240 shape x colour x texture, Zipf)
     emoji_min_count: int = 5  # emoji: keep CLDR keywords of at least this many train emoji (5: 130 tags with CLDR 41)
@@ -146,6 +159,12 @@ class DataConfig:
         check(self.dataset in DATASETS, "dataset", f"unknown (choose from {', '.join(DATASETS)})")
         check(self.on_bad_image in BAD_IMAGE_POLICIES, "on_bad_image", "must be 'error' or 'skip'")
         check(self.max_image_pixels >= 0, "max_image_pixels", "must be >= 0 (0 = no limit)")
+        check(self.untagged in UNKNOWN_POLICIES, "untagged", "must be 'unknown' or 'negative'")
+        check(self.unannotated in UNKNOWN_POLICIES, "unannotated", "must be 'unknown' or 'negative'")
+        check(0.0 < self.tagged_fraction <= 1.0, "tagged_fraction", "must be in (0, 1]")
+        untagged_possible = self.tagged_fraction < 1.0 or self.label_noise > 0.0
+        check(self.untagged == "unknown" or self.dataset not in _GENERATED or untagged_possible, "untagged",
+              f"has no effect: every {self.dataset} image is tagged (set data.tagged_fraction < 1)")  # fmt: skip
         check(self.io_threads >= 0, "io_threads", "must be >= 0 (0: read files one after another)")
         check(0.0 <= self.min_confidence <= 1.0, "min_confidence", "must be in [0, 1]")
         check(self.voc_difficult in ("exclude", "include"), "voc_difficult", "must be 'exclude' or 'include'")

@@ -12,8 +12,9 @@ by item. ``limit`` scans a seeded random sample instead of every image.
 >>> report["counts"]["missing"], report["long_tail"]["classes_unseen"]
 
 ``out`` receives ``report.md`` (tables), ``report.json`` (everything, every problem listed) and the
-plots of :mod:`hvpmtl.viz.dataset` (``label_frequency.png``, ``labels_per_image.png``,
-``image_sizes.png``).
+plots of the ``plot`` function the caller passes (``hvpmtl data inspect`` passes
+:func:`hvpmtl.viz.dataset.plot_dataset_report`: ``label_frequency.png``, ``labels_per_image.png``,
+``image_sizes.png``); this module draws nothing itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import random
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -36,7 +38,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from hvpmtl.data.decode import DECODE_ERRORS, BadImageError, read_image
 
-__all__ = ["Scan", "inspect_dataset", "markdown", "scan_dataset", "summarize", "write_report"]
+__all__ = ["PlotReport", "Scan", "inspect_dataset", "markdown", "scan_dataset", "summarize", "write_report"]
+
+PlotReport = Callable[[dict, Counter, Path], Any]  # (summary, (width, height) -> images, folder): draws the plots
 
 
 @dataclass
@@ -253,8 +257,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return [row(header), "|" + "|".join("---" for _ in header) + "|", *(row(r) for r in rows)]
 
 
-def markdown(summary: dict, title: str, plots: bool = True, max_problems: int = 50) -> str:
-    """``report.md``: the summary as tables, with the plots beside it."""
+def markdown(
+    summary: dict, title: str, plots: bool = True, max_problems: int = 50, no_plots: str = "matplotlib missing"
+) -> str:
+    """``report.md``: the summary as tables, with the plots beside it (``plots=False``: a line saying
+    why there are none, ``no_plots``)."""
     c, lpi, tail, sizes = summary["counts"], summary["labels_per_image"], summary["long_tail"], summary["image_sizes"]
     scanned = f"{c['scanned']:,} (a random sample)" if c["sampled"] else f"{c['scanned']:,} (all)"
     lines = [f"# Data report: {md_text(title)}", ""]
@@ -320,26 +327,28 @@ def markdown(summary: dict, title: str, plots: bool = True, max_problems: int = 
         lines += _table(["width x height", "images"], [[m["size"], m["images"]] for m in sizes["most_common"]])
     else:
         lines.append("No readable image.")
-    lines += [""] + (["![image sizes](image_sizes.png)", ""] if plots else ["(plots skipped: matplotlib missing)"])
+    lines += [""] + (["![image sizes](image_sizes.png)", ""] if plots else [f"(plots skipped: {no_plots})"])
     return "\n".join(lines) + "\n"
 
 
-def write_report(summary: dict, scan: Scan, out: str | Path, title: str = "data set") -> Path:
-    """``report.json``, ``report.md`` and the three plots (:mod:`hvpmtl.viz.dataset`) into folder
-    ``out``; without matplotlib the plots are skipped with a warning. Returns report.md's path."""
+def write_report(
+    summary: dict, scan: Scan, out: str | Path, title: str = "data set", plot: PlotReport | None = None
+) -> Path:
+    """``report.json``, ``report.md`` and the plots ``plot(summary, scan.sizes, out)`` draws (the CLI
+    passes :func:`hvpmtl.viz.dataset.plot_dataset_report`) into folder ``out``; without ``plot``, or
+    when it raises ``ImportError`` (no matplotlib; with a warning), no plots. Returns report.md's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({"title": title, **summary}, indent=1) + "\n")
-    try:
-        from hvpmtl.viz.dataset import plot_dataset_report
-
-        plot_dataset_report(summary, scan.sizes, out)
-        plots = True
-    except ImportError as err:
-        warnings.warn(f"no plots ({err}): pip install 'hvpmtl[viz]' (matplotlib)", stacklevel=2)
-        plots = False
+    plots, why = plot is not None, "no plot function given"
+    if plot is not None:
+        try:
+            plot(summary, scan.sizes, out)
+        except ImportError as err:
+            warnings.warn(f"no plots ({err}): pip install 'hvpmtl[viz]' (matplotlib)", stacklevel=2)
+            plots, why = False, "matplotlib missing"
     path = out / "report.md"
-    path.write_text(markdown(summary, title, plots))
+    path.write_text(markdown(summary, title, plots, no_plots=why))
     return path
 
 
@@ -353,9 +362,11 @@ def inspect_dataset(
     top: int = 20,
     workers: int = 0,
     progress: bool = True,
+    plot: PlotReport | None = None,
 ) -> dict:
     """Build ``split`` of the data set ``cfg_data`` describes (missing files allowed, so that they
-    can be listed), scan it and write the report into ``out``; returns the summary."""
+    can be listed), scan it and write the report into ``out`` (plots by ``plot``, see
+    :func:`write_report`); returns the summary."""
     from hvpmtl.data import build_dataset
     from hvpmtl.data.views import decode_side
 
@@ -365,5 +376,5 @@ def inspect_dataset(
     scan = scan_dataset(dataset, limit, verify, workers, progress)
     summary = summarize(scan, top, img_size, decode_side(img_size, cfg.crop_scale, cfg.crop_ratio))
     source = getattr(dataset, "manifest", None) or getattr(dataset, "origin", None) or cfg.dataset
-    write_report(summary, scan, out, f"{cfg.dataset} {split} ({source})")
+    write_report(summary, scan, out, f"{cfg.dataset} {split} ({source})", plot)
     return summary

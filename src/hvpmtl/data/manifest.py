@@ -17,9 +17,9 @@ Images are decoded by :func:`hvpmtl.data.decode.read_image` (every PIL mode, EXI
 a pixel limit). An image that cannot be used at load time raises :class:`BadImageError` naming
 the file and its manifest line (``on_bad_image="error"``), or is replaced by the next readable
 sample (``"skip"``): warned once per file and process, counted in ``num_skipped`` (per process),
-and appended to the run's skipped-image list when ``skip_log_dir`` is set (see
-:mod:`hvpmtl.data.skipped`). ``max_bad_in_a_row`` unreadable images in a row (or all of them)
-stop the data set with a :class:`BadImageError` naming the manifest.
+and appended to the run's skipped-image list when ``loading.skip_log_dir`` is set (see
+:mod:`hvpmtl.data.loading` and :mod:`hvpmtl.data.skipped`). ``max_bad_in_a_row`` unreadable images
+in a row (or all of them) stop the data set with a :class:`BadImageError` naming the manifest.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import csv
 import io
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,9 +36,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from hvpmtl.data.decode import BadImageError, read_image
-from hvpmtl.data.skipped import record_skipped_image
+from hvpmtl.data.loading import DEFAULT_LOADING, BadImages, ImageLoading, LoadingSettings
 
 __all__ = ["BadImageError", "ImageFiles", "ImageFolderImages", "ManifestImages", "read_class_names", "read_image"]
 
@@ -133,13 +131,13 @@ def _parse_jsonl(path: Path) -> list[tuple[int, str, list[str]]]:
     return rows
 
 
-class ImageFiles(Dataset):
-    """Images on disk with tag-index lists; loading with the ``on_bad_image`` policy.
+class ImageFiles(LoadingSettings, Dataset):
+    """Images on disk with tag-index lists, loaded as ``loading`` says (:class:`ImageLoading`: the
+    ``on_bad_image`` policy, the pixel limit, reduced decoding, reading threads, the skip list).
 
     Items are dicts: ``image`` uint8 ``3 x H x W``, ``labels`` float ``C`` multi-hot, ``index``
     (the index actually read, which differs from the asked one after a skip). ``origin`` names
-    the listing (manifest or folder) in errors; ``skip_log_dir`` (a run folder, or None) is
-    where skipped images are listed.
+    the listing (manifest or folder) in errors.
     """
 
     def __init__(
@@ -147,27 +145,21 @@ class ImageFiles(Dataset):
         paths: Sequence[str],
         targets: Sequence[Sequence[int]],
         classes: Sequence[str],
-        on_bad_image: str = "error",
+        loading: ImageLoading = DEFAULT_LOADING,
         sources: Sequence[str] | None = None,
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         origin: str = "",
         max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
     ):
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image='{on_bad_image}' must be 'error' or 'skip'")
+        if not isinstance(loading, ImageLoading):
+            raise TypeError(f"loading={loading!r}: expected an ImageLoading (e.g. ImageLoading(on_bad_image='skip'))")
         if not paths:
             raise ValueError("no images")
         self.paths, self.targets, self.classes = list(paths), list(targets), list(classes)
         self.sources = list(sources) if sources is not None else None  # "file:line" per image
-        self.on_bad_image = on_bad_image
-        self.max_pixels, self.max_bad_in_a_row = max_pixels, max(1, max_bad_in_a_row)
+        self.loading, self.bad_images = loading, BadImages(loading)
+        self.max_bad_in_a_row = max(1, max_bad_in_a_row)
         self.origin = origin or "the image list"
         self.num_classes = len(self.classes)
-        self.num_skipped = 0  # bad images replaced in this process
-        self.skipped_files: set[str] = set()
-        self.skip_log_dir: Path | None = None
-        self.decode_min_side = 0  # > 0: large JPEGs decode reduced, keeping this many pixels a side (read_image)
-        self.io_threads = 0  # > 1: prefetch() reads files on this many threads
         self._prefetched: dict[int, bytes] = {}
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): threads do not survive a fork
 
@@ -202,50 +194,40 @@ class ImageFiles(Dataset):
     def load_image(self, i: int) -> torch.Tensor:
         """Image ``i`` as uint8 RGB (from :meth:`prefetch`'s bytes when it read them)."""
         data = self._prefetched.pop(i, None)
-        return read_image(self.paths[i], self.max_pixels, data=data, min_side=self.decode_min_side)
+        return read_image(self.paths[i], self.loading.max_pixels, data=data, min_side=self.loading.decode_min_side)
+
+    @property
+    def num_skipped(self) -> int:
+        """Bad images replaced in this process (``on_bad_image=skip``)."""
+        return self.bad_images.num_skipped
+
+    @property
+    def skipped_files(self) -> set[str]:
+        return self.bad_images.skipped_files
 
     def _where(self, i: int) -> str:
         return f"{self.sources[i]}: " if self.sources else ""
-
-    def _skip(self, i: int, err: BadImageError) -> None:
-        self.num_skipped += 1
-        if self.paths[i] in self.skipped_files:
-            return
-        self.skipped_files.add(self.paths[i])
-        warnings.warn(f"{self._where(i)}skipping unreadable image {self.paths[i]}: {err.reason}", stacklevel=3)
-        if self.skip_log_dir is not None:
-            record_skipped_image(self.skip_log_dir, self.paths[i], err.reason)
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.paths)
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} images")
         tries = min(n, self.max_bad_in_a_row)
-        first: tuple[int, BadImageError] | None = None
-        for step in range(tries):
-            i = (index + step) % n
-            try:
-                image = self.load_image(i)
-            except BadImageError as err:
-                if self.on_bad_image == "error":
-                    raise BadImageError(
-                        f"{self._where(i)}cannot read image {self.paths[i]}: {err.reason} "
-                        "(data.on_bad_image=skip skips unreadable images)",
-                        err.reason,
-                    ) from None
-                first = first or (i, err)
-                self._skip(i, err)
-                continue
-            labels = torch.zeros(self.num_classes)
-            labels[list(self.targets[i])] = 1
-            return {"image": image, "labels": labels, "index": i}
-        i, err = first
-        what = f"none of the {n} images" if tries == n else f"{tries} images in a row (on_bad_image=skip stops there)"
-        raise BadImageError(
-            f"{self.origin}: {what} can be read, e.g. {self._where(i)}{self.paths[i]}: {err.reason} "
-            "(check the files and data.root)",
-            err.reason,
-        )
+
+        def exhausted(i: int, err: BadImageError) -> BadImageError:
+            what = f"none of the {n} images"
+            if tries < n:
+                what = f"{tries} images in a row (on_bad_image=skip stops there)"
+            return BadImageError(f"{self.origin}: {what} can be read, e.g. {self._where(i)}{self.paths[i]}: "
+                                 f"{err.reason} (check the files and data.root)", err.reason)  # fmt: skip
+
+        i, image = self.bad_images.first_readable(
+            ((index + step) % n for step in range(tries)), lambda i: (self._where(i), self.paths[i]), self.load_image,
+            exhausted,
+        )  # fmt: skip
+        labels = torch.zeros(self.num_classes)
+        labels[list(self.targets[i])] = 1
+        return {"image": image, "labels": labels, "index": i}
 
 
 class ManifestImages(ImageFiles):
@@ -256,8 +238,7 @@ class ManifestImages(ImageFiles):
         root: folder that relative paths are under; empty = the manifest's folder.
         classes: vocabulary (a list, or a path to a file of names); None = built from the file.
         check_files: check at construction that every image file exists.
-        on_bad_image: ``error`` | ``skip`` for images that fail to decode at load time.
-        max_pixels: larger images are bad images (0: no limit).
+        loading: how images load (:class:`ImageLoading`: ``on_bad_image``, the pixel limit, ...).
 
     ``num_tagged`` is the number of images with at least one tag.
     """
@@ -268,8 +249,7 @@ class ManifestImages(ImageFiles):
         root: str | Path = "",
         classes: Sequence[str] | str | Path | None = None,
         check_files: bool = True,
-        on_bad_image: str = "error",
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        loading: ImageLoading = DEFAULT_LOADING,
     ):
         manifest = Path(manifest)
         if not manifest.is_file():
@@ -307,7 +287,7 @@ class ManifestImages(ImageFiles):
             lineno, p = missing[0]
             more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
             raise FileNotFoundError(f"{manifest}:{lineno}: image not found: {p}{more}")
-        super().__init__(paths, targets, names, on_bad_image, sources, max_pixels, f"manifest {manifest}")
+        super().__init__(paths, targets, names, loading, sources, f"manifest {manifest}")
         self.manifest = manifest
         self.num_tagged = sum(1 for t in targets if t)
 
@@ -315,11 +295,11 @@ class ManifestImages(ImageFiles):
 class ImageFolderImages(ImageFiles):
     """A torchvision ``ImageFolder`` tree (``root/<class>/<image>``): one tag per image, one-hot."""
 
-    def __init__(self, root: str | Path, on_bad_image: str = "error", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(self, root: str | Path, loading: ImageLoading = DEFAULT_LOADING):
         from torchvision.datasets import ImageFolder
 
         folder = ImageFolder(str(root))  # finds classes and files; reads no image
         samples = folder.samples
-        super().__init__([p for p, _ in samples], [[t] for _, t in samples], folder.classes, on_bad_image,
-                         max_pixels=max_pixels, origin=f"image folder {root}")  # fmt: skip
+        super().__init__([p for p, _ in samples], [[t] for _, t in samples], folder.classes, loading,
+                         origin=f"image folder {root}")  # fmt: skip
         self.root = Path(root)

@@ -40,20 +40,18 @@ reads it to its end.
 
 from __future__ import annotations
 
-import warnings
 from itertools import islice
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from hvpmtl.data.decode import BadImageError, read_image
+from hvpmtl.data.loading import DEFAULT_LOADING, BadImages, ImageLoading, LoadingSettings
 from hvpmtl.data.shards import ShardError, ShardIndex, image_member, load_shard_index, parse_labels
-from hvpmtl.data.skipped import record_skipped_image
-from hvpmtl.data.views import TwoViewTransform, collate_pretrain, reduced_decode_side, seeded_cpu_rng, view_seed
+from hvpmtl.data.tags import TagPolicy
+from hvpmtl.data.views import TwoViewTransform, collate_pretrain, pretrain_loading, seeded_cpu_rng, view_seed
 
 __all__ = ["ShardStream", "pretrain_stream"]
 
@@ -77,12 +75,14 @@ def _tar_samples(paths: list[str]):
     return group_by_keys(tar_file_expander(opened()))
 
 
-class ShardStream(IterableDataset):
+class ShardStream(LoadingSettings, IterableDataset):
     """This process's pre-training micro-batches from shards (plan in the module docstring).
 
     Yields :func:`collate_pretrain` batches (``transform=None``: lists of ``{"image", "labels",
     "index"}`` samples, for reading benchmarks). Like a batch sampler it has ``steps_per_epoch``
     and ``set_epoch(epoch, start_step)``; :meth:`distribute` places it in a process group.
+    Images load as ``loading`` says, with the ``on_bad_image`` policy of the map-style readers
+    (:class:`~hvpmtl.data.loading.BadImages`).
     """
 
     def __init__(
@@ -93,8 +93,7 @@ class ShardStream(IterableDataset):
         global_batch: int = 64,
         streams: int = 8,
         shuffle_window: int = 1000,
-        on_bad_image: str = "error",
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        loading: ImageLoading = DEFAULT_LOADING,
     ):
         if streams < 1 or shuffle_window < 1:
             raise ValueError(f"data.shard_streams={streams} and data.shard_shuffle={shuffle_window} must be >= 1")
@@ -102,11 +101,9 @@ class ShardStream(IterableDataset):
         self.classes = list(index.classes)
         self.vocab = {name: k for k, name in enumerate(self.classes)}
         self.global_batch, self.streams, self.window = global_batch, streams, shuffle_window
-        self.on_bad_image, self.max_pixels = on_bad_image, max_pixels
-        self.decode_min_side = 0  # > 0: large JPEGs decode reduced, keeping this many pixels a side (read_image)
+        self.loading, self.bad_images = loading, BadImages(loading)
         self.per_stream = index.total // streams
-        self.skip_log_dir: Path | None = None
-        self.num_skipped, self._warned = 0, set()
+        self.tags = TagPolicy()  # pretrain_stream: marks untagged samples under data.untagged=unknown
         self.epoch, self.start_step = 0, 0
         self.distribute(0, 1, 1)
 
@@ -232,39 +229,38 @@ class ShardStream(IterableDataset):
         where = f"{url}:{key}.{ext}"
         return raw[ext], labels, raw["__position__"] if index is None else index, where
 
+    @property
+    def num_skipped(self) -> int:
+        """Bad images replaced in this process (``on_bad_image=skip``)."""
+        return self.bad_images.num_skipped
+
     def _sample(self, window: list[dict], j: int, epoch: int) -> dict:
         """Sample ``j`` of a window; under ``on_bad_image=skip`` an unreadable image is replaced by
         the next readable one of the window, cyclically (views still drawn from the asked sample's
         index); a window of one sample (``data.shard_shuffle=1``) has no stand-in."""
-        first, index = None, None
-        for step in range(len(window)):
-            data, labels, own, where = self._decode(window[(j + step) % len(window)])
-            index = own if index is None else index  # the asked sample's
-            try:
-                image = read_image(where, self.max_pixels, data=data, min_side=self.decode_min_side)
-            except BadImageError as err:
-                if self.on_bad_image == "error":
-                    why = f"cannot read image {where}: {err.reason} (data.on_bad_image=skip skips unreadable images)"
-                    raise BadImageError(why, err.reason) from None
-                first = first or (where, err)
-                self._skip(where, err)
-                continue
-            if self.transform is None:
-                return {"image": image, "labels": labels, "index": index}
-            with seeded_cpu_rng(view_seed(self.seed, epoch, index)):
-                v0, v1, mask = self.transform(image)
-            return {"views": (v0, v1), "mask": mask, "labels": labels, "index": index}
-        raise BadImageError(f"{self.index.origin}: no image of a shuffle window of {len(window)} can be read, "
-                            f"e.g. {first[0]}: {first[1].reason}", first[1].reason)  # fmt: skip
+        decoded: dict[int, tuple[bytes, torch.Tensor, int, str]] = {}
 
-    def _skip(self, where: str, err: BadImageError) -> None:
-        self.num_skipped += 1
-        if where in self._warned:
-            return
-        self._warned.add(where)
-        warnings.warn(f"skipping unreadable image {where}: {err.reason}", stacklevel=3)
-        if self.skip_log_dir is not None:
-            record_skipped_image(self.skip_log_dir, where, err.reason)
+        def name(step: int) -> tuple[str, str]:  # a malformed sample (ShardError) stops under either policy
+            decoded[step] = self._decode(window[(j + step) % len(window)])
+            return "", decoded[step][3]
+
+        def load(step: int) -> torch.Tensor:
+            data, _, _, where = decoded[step]
+            return read_image(where, self.loading.max_pixels, data=data, min_side=self.loading.decode_min_side)
+
+        def exhausted(step: int, err: BadImageError) -> BadImageError:
+            return BadImageError(f"{self.index.origin}: no image of a shuffle window of {len(window)} can be read, "
+                                 f"e.g. {decoded[step][3]}: {err.reason}", err.reason)  # fmt: skip
+
+        step, image = self.bad_images.first_readable(range(len(window)), name, load, exhausted)
+        labels, index = decoded[step][1], decoded[0][2]  # the stand-in's labels, the asked sample's index
+        if self.transform is None:
+            return {"image": image, "labels": labels, "index": index}
+        with seeded_cpu_rng(view_seed(self.seed, epoch, index)):
+            v0, v1, mask = self.transform(image)
+        labels, known = self.tags.apply({"labels": labels}, index)  # data.untagged
+        out = {"views": (v0, v1), "mask": mask, "labels": labels, "index": index}
+        return out if known is None else {**out, "known": known}
 
     def __iter__(self):
         info = get_worker_info()
@@ -281,20 +277,20 @@ class ShardStream(IterableDataset):
 
 
 def pretrain_stream(cfg: Any, classes: list[str] | None, transform: TwoViewTransform) -> ShardStream:
-    """The :class:`ShardStream` of ``data.shards`` for a root ``Config`` (tags checked, skips logged)."""
+    """The :class:`ShardStream` of ``data.shards`` for a root ``Config``: loading as
+    :func:`~hvpmtl.data.views.pretrain_loading` says (skips listed in the run folder), and a check that
+    the tasks reading tags (``cfg.tasks.label_readers()``) have some."""
     d = cfg.data
     try:
         _tar_samples([])
     except ImportError as err:
         raise ValueError(str(err)) from None
     index = load_shard_index(d.shards, "data.shards", classes)
-    readers = [f"tasks.{t}" for t in ("mlc", "distill") if getattr(cfg.tasks, t).weight > 0]
+    readers = cfg.tasks.label_readers()
     if index.num_tagged == 0 and readers:
         raise ValueError(f"{index.origin}: no sample has a label, and {' and '.join(readers)} need labels (or set "
                          f"{' '.join(r + '.weight=0' for r in readers)})")  # fmt: skip
     stream = ShardStream(index, transform, cfg.train.seed, d.batch_size, d.shard_streams, d.shard_shuffle,
-                         d.on_bad_image, d.max_image_pixels)  # fmt: skip
-    if cfg.train.output_dir:
-        stream.skip_log_dir = Path(cfg.train.output_dir)
-    stream.decode_min_side = reduced_decode_side(cfg)
+                         pretrain_loading(cfg))  # fmt: skip
+    stream.tags = TagPolicy(mark_untagged=d.untagged == "unknown" and index.num_tagged < index.total)
     return stream

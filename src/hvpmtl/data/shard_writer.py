@@ -82,7 +82,7 @@ def write_shards(
         raise ValueError(f"samples_per_shard={samples_per_shard}: must be >= 1")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
         raise ValueError(f"prefix={prefix!r}: use letters, digits, '_', '.' and '-'")
-    from hvpmtl.engine.checkpoint import atomic_write
+    from hvpmtl.files import atomic_write
 
     out = Path(out)
     index_file = out / INDEX_NAME

@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from hvpmtl.data.decode import BadImageError, read_image
+from hvpmtl.data.loading import DEFAULT_LOADING, ImageLoading
 from hvpmtl.data.manifest import ImageFiles
 from hvpmtl.reprs import short_repr
 
@@ -236,10 +236,10 @@ def _scan_pattern(paths: list[Path], spec: str, key: str, classes: Sequence[str]
 class ShardImages(ImageFiles):
     """The samples of a :class:`ShardIndex` by random access (seek to the member): items as
     :class:`~hvpmtl.data.manifest.ImageFiles` (``image``, ``labels``, ``index``: the position in
-    the index order) with its ``on_bad_image`` policy; errors name ``shard.tar:key.ext``.
+    the index order) loaded as ``loading`` says; errors name ``shard.tar:key.ext``.
     Construction reads every tar header and label (seconds for ~10^5 samples)."""
 
-    def __init__(self, index: ShardIndex, on_bad_image: str = "error", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(self, index: ShardIndex, loading: ImageLoading = DEFAULT_LOADING):
         vocab = {name: k for k, name in enumerate(index.classes)}
         paths, targets, self.locations = [], [], []
         for s, path in enumerate(index.paths):
@@ -263,7 +263,7 @@ class ShardImages(ImageFiles):
                     paths.append(where)
                     targets.append(sorted({vocab[t] for t in tags}))
                     self.locations.append((s, *exts[ext]))
-        super().__init__(paths, targets, index.classes, on_bad_image, None, max_pixels, f"shards {index.origin}")
+        super().__init__(paths, targets, index.classes, loading, None, f"shards {index.origin}")
         self.shard_paths = list(index.paths)
         self.num_tagged = sum(1 for t in targets if t)
 
@@ -279,4 +279,4 @@ class ShardImages(ImageFiles):
 
     def load_image(self, i: int) -> torch.Tensor:
         data = self._prefetched.pop(i, None) or self.raw_bytes(i)
-        return read_image(self.paths[i], self.max_pixels, data=data, min_side=self.decode_min_side)
+        return read_image(self.paths[i], self.loading.max_pixels, data=data, min_side=self.loading.decode_min_side)

@@ -145,6 +145,18 @@ def noisy_labels(clean: np.ndarray, rate: float, rng: np.random.Generator) -> np
     return labels
 
 
+def tagged_by_fraction(index: int, fraction: float, seed: int = 0) -> bool:
+    """Whether image ``index`` keeps its tags under ``data.tagged_fraction=fraction``: a seeded
+    hash of the index (splitmix64), so every process, worker and resumed run picks the same images."""
+    if fraction >= 1.0:
+        return True
+    mask = (1 << 64) - 1
+    z = ((seed << 32) + index + 1) * 0x9E3779B97F4A7C15 & mask
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+    return ((z ^ (z >> 31)) >> 11) / float(1 << 53) < fraction
+
+
 class SyntheticScenes(Dataset):
     """Generated multi-label scenes (see the module docstring).
 

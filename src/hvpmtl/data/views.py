@@ -22,7 +22,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from hvpmtl.data.config import IMAGENET_MEAN, IMAGENET_STD
+from hvpmtl.data.loading import ImageLoading
 from hvpmtl.data.masking import MaskGenerator
+from hvpmtl.data.tags import TagPolicy
 
 
 def view_seed(seed: int, epoch: int, index: int) -> int:
@@ -173,6 +175,12 @@ def reduced_decode_side(cfg: Any) -> int:
     return decode_side(cfg.backbone.img_size, d.crop_scale, d.crop_ratio) if d.reduced_decode else 0
 
 
+def pretrain_loading(cfg: Any) -> ImageLoading:
+    """How pre-training loads image files, from a root ``Config``: ``data.*``, reduced decoding for the
+    views (:func:`reduced_decode_side`) and the run folder's skipped-image list (``train.output_dir``)."""
+    return ImageLoading.from_config(cfg.data, reduced_decode_side(cfg), cfg.train.output_dir or None)
+
+
 def decode_side(img_size: int, crop_scale: Sequence[float], crop_ratio: Sequence[float]) -> int:
     """:func:`reduced_decode_side` for views of ``img_size`` drawn at these crop scales and ratios."""
     ratio = min(crop_ratio[0], 1.0 / crop_ratio[1])
@@ -184,12 +192,14 @@ class PretrainViews(Dataset):
 
     ``dataset[i]`` is epoch 0; ``dataset[(i, epoch)]`` (what the training sampler yields) draws
     the views of that epoch. Returns ``{"views": (v0, v1), "mask": g x g bool, "labels": C
-    float, "index": int}``; the views and mask depend only on ``(seed, epoch, index)``.
+    float, "index": int}``; the views and mask depend only on ``(seed, epoch, index)``. ``tags``
+    (:class:`hvpmtl.data.tags.TagPolicy`) may remove tags and add ``"known"`` (bool ``1`` or ``C``).
     """
 
-    def __init__(self, base: Dataset, view_transform: TwoViewTransform, seed: int = 0):
+    def __init__(self, base: Dataset, view_transform: TwoViewTransform, seed: int = 0, tags: TagPolicy | None = None):
         self.base, self.transform, self.seed = base, view_transform, seed
         self.classes = getattr(base, "classes", None)
+        self.tags = tags or TagPolicy()
 
     def __len__(self) -> int:
         return len(self.base)
@@ -199,7 +209,9 @@ class PretrainViews(Dataset):
         sample = self.base[index]
         with seeded_cpu_rng(view_seed(self.seed, epoch, index)):
             v0, v1, mask = self.transform(sample["image"])
-        return {"views": (v0, v1), "mask": mask, "labels": sample["labels"].float(), "index": index}
+        labels, known = self.tags.apply(sample, index)
+        out = {"views": (v0, v1), "mask": mask, "labels": labels, "index": index}
+        return out if known is None else {**out, "known": known}
 
     def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[dict]:
         """A batch (what a ``DataLoader`` worker asks for): the base's ``prefetch`` reads the
@@ -213,19 +225,23 @@ class PretrainViews(Dataset):
 
 def collate_pretrain(samples: Sequence[dict]) -> dict:
     """Stack :class:`PretrainViews` samples into the batch ``HVPMTL.forward`` takes:
-    ``{"views": [B x 3 x H x W] * 2, "mask": B x g x g, "labels": B x C, "index": B}``. Views
-    that are recipes (``data.augment_on=device``) are stacked key by key, for ``DeviceViews``."""
+    ``{"views": [B x 3 x H x W] * 2, "mask": B x g x g, "labels": B x C, "index": B}``, plus
+    ``"known"`` (bool ``B x 1`` or ``B x C``) when the samples carry it. Views that are recipes
+    (``data.augment_on=device``) are stacked key by key, for ``DeviceViews``."""
     if isinstance(samples[0]["views"][0], dict):
         views = [{key: torch.stack([s["views"][k][key] for s in samples]) for key in samples[0]["views"][k]}
                  for k in (0, 1)]  # fmt: skip
     else:
         views = [torch.stack([s["views"][k] for s in samples]) for k in (0, 1)]
-    return {
+    batch = {
         "views": views,
         "mask": torch.stack([s["mask"] for s in samples]),
         "labels": torch.stack([s["labels"] for s in samples]),
         "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
     }
+    if "known" in samples[0]:  # a data set marks all its samples or none (hvpmtl.data.tags)
+        batch["known"] = torch.stack([s["known"] for s in samples])
+    return batch
 
 
 class EvalImages(Dataset):

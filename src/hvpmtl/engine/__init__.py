@@ -1,11 +1,13 @@
 """Training engine: the loop, schedules, sampler, checkpoints, distribution and run output.
 
-``pretrain(cfg)`` runs (or resumes) pre-training alone or under torchrun; the pieces are usable
-on their own: ``GlobalBatchSampler``, ``warmup_cosine``, ``build_optimizer``, ``wrap_model``,
-``save_checkpoint``/``load_checkpoint``/``restore``, ``load_backbone``.
+``fit(make_task, cfg, env)`` runs (or resumes) any :class:`TrainingTask` alone or under
+torchrun (pre-training's task and :func:`hvpmtl.pretraining.pretrain` live above the engine); the
+pieces are usable on their own: ``GlobalBatchSampler``, ``warmup_cosine``, ``build_optimizer``,
+``wrap_model``, ``save_checkpoint``/``load_checkpoint``/``restore``, ``load_backbone``.
 
-Names are imported lazily: ``hvpmtl.config`` imports ``hvpmtl.engine.config`` while the loop
-imports ``hvpmtl.config``.
+Names are imported lazily: ``hvpmtl.config`` imports ``hvpmtl.engine.config``, which runs this
+file first; importing the loop here would pull the whole engine (data, backbones) into every
+config import.
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ _EXPORTS = {
     "RunResult": "loop",
     "SimulatedCrash": "loop",
     "Trainer": "loop",
-    "pretrain": "loop",
+    "fit": "loop",
+    "StepHook": "task",
+    "TrainingTask": "task",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import pickle
 import random
 import re
@@ -35,7 +34,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from hvpmtl.backbones import BackboneConfig, build_backbone
+from hvpmtl.backbones.timm_config import write_timm_folders
+from hvpmtl.config_io import from_dict
 from hvpmtl.engine.distributed import DistEnv, all_gather_object, unwrap
+from hvpmtl.files import DiskFullError
+from hvpmtl.files import atomic_write as _atomic_write
 
 CKPT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
@@ -45,13 +49,6 @@ CHECKSUM_SUFFIX = ".sha256"
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used (empty, damaged, foreign or unsafe); names the file."""
-
-
-class DiskFullError(OSError):
-    """A write failed because the disk is full (ENOSPC); the previous file, if any, is kept."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -80,47 +77,10 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
             checksum_path(path).unlink(missing_ok=True)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as err:
-        if _disk_full(err):
-            kept = "the previous file is kept" if path.exists() else "nothing was written"
-            raise DiskFullError(errno.ENOSPC, f"disk full (ENOSPC) while writing {path}; {kept}") from err
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _disk_full(err: BaseException | None) -> bool:
-    """Whether ENOSPC (or a full quota) is behind ``err``; torch.save buries it under its own error."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    """:func:`hvpmtl.files.atomic_write`, opening through this module's ``open`` (so that a test can
+    give the checkpoint writer a full disk)."""
+    _atomic_write(path, write, opener=open)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,8 +306,6 @@ def export_weights(
                  "part": part, "iteration": meta["iteration"]}  # fmt: skip
         paths[name] = run_dir / f"{name}.safetensors"
         atomic_write(paths[name], lambda f, b=backbone, m=bmeta: f.write(st_save(b, metadata=m)))
-    from hvpmtl.backbones.timm_config import write_timm_folders
-
     paths.update(write_timm_folders(run_dir, paths, config))  # timm/, timm_teacher/: local-dir folders
     return paths
 
@@ -357,9 +315,6 @@ def load_backbone(path: str | Path, backbone_cfg: Any = None) -> nn.Module:
     the backbone config defaults to the one stored in the file."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from hvpmtl.backbones import BackboneConfig, build_backbone
-    from hvpmtl.config import from_dict
 
     if backbone_cfg is None:
         with safe_open(str(path), "pt") as f:

@@ -12,6 +12,8 @@ BACKENDS = ("auto", "nccl", "gloo")
 DEVICES = ("auto", "cpu", "cuda")
 COMPILE_SCOPES = (False, True, "backbone", "model")  # train.compile; true is "backbone"
 LOGGERS = ("tensorboard", "wandb", "mlflow")  # metrics.csv is always written
+# what the backbone gives a frozen-feature evaluation (hvpmtl.eval.config.FEATURES adds "pixels")
+BACKBONE_FEATURES = ("mean", "pooled", "both", "grid")
 
 
 def _checker(obj, prefix: str):
@@ -153,3 +155,31 @@ class DistConfig:
         check(self.strategy in STRATEGIES, "strategy", f"choose one of {', '.join(STRATEGIES)}")
         check(self.backend in BACKENDS, "backend", f"choose one of {', '.join(BACKENDS)}")
         check(self.timeout_min > 0, "timeout_min", "must be positive")
+
+
+@dataclass
+class MonitorConfig:
+    """k-NN monitoring during pre-training (``eval.*`` keys of the pre-training config).
+
+    Every ``knn_every`` steps and at the last step (off for runs shorter than ``knn_every``),
+    the student's and the teacher's features of the first ``knn_train_images`` train images
+    (clean labels) classify the first ``knn_val_images`` val images; the results go to
+    metrics.csv and TensorBoard as ``knn_<metric>`` and ``knn_teacher_<metric>``. The numbers
+    equal ``hvpmtl knn`` on the same checkpoint with ``train_images``/``eval_images`` set alike.
+    """
+
+    knn_every: int = 0  # steps; 0 = off
+    knn_train_images: int = 1000
+    knn_val_images: int = 500
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_feature: str = "mean"
+
+    def validate(self, prefix: str = "") -> None:
+        check = _checker(self, prefix)
+        check(self.knn_every >= 0, "knn_every", "must be >= 0 (0: off)")
+        check(self.knn_train_images > 0 and self.knn_val_images > 0, "knn_train_images", "must be positive")
+        check(self.knn_k >= 1, "knn_k", "must be >= 1")
+        check(self.knn_temperature > 0, "knn_temperature", "must be positive")
+        # the monitor embeds with the backbone: no "pixels"
+        check(self.knn_feature in BACKBONE_FEATURES, "knn_feature", f"choose one of {', '.join(BACKBONE_FEATURES)}")

@@ -60,6 +60,28 @@ class Faults:
             raise SimulatedCrash(f"simulated crash after step {step} ({STOP_AFTER}={self.stop_after})")
 
 
+class FaultHook:
+    """:class:`Faults` as a loop step hook (:class:`~hvpmtl.engine.task.StepHook`): the losses
+    poisoned after each forward, the crash after a step's checkpoint."""
+
+    keys: tuple[str, ...] = ()
+
+    def __init__(self, faults: Faults):
+        self.faults = faults
+
+    def start(self, loop) -> None:
+        return None
+
+    def after_forward(self, out: dict, step: int, micro: int, loop) -> dict:
+        return self.faults.poison(out, step)
+
+    def after_step(self, step: int, done: bool, loop) -> None:
+        return None
+
+    def after_checkpoint(self, step: int, done: bool, loop) -> None:
+        self.faults.crash_after(step, done)
+
+
 @contextmanager
 def inject(stop_after: int | None = None, nan_at_step: int | None = None) -> Iterator[None]:
     """Set the variables for the ``with`` block (child processes inherit them), then restore them."""

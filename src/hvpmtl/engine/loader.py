@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from hvpmtl.data import DeviceViews, build_view_transform
 from hvpmtl.data.shard_stream import ShardStream
 from hvpmtl.data.views import collate_pretrain
 from hvpmtl.engine.distributed import DistEnv
@@ -176,8 +177,6 @@ class DeviceFeed:
         batch = next(batches)
         if self.on_device:
             if self.views is None:
-                from hvpmtl.data import DeviceViews, build_view_transform
-
                 self.views = DeviceViews(build_view_transform(self.cfg))
             batch = self.views(batch, self.device)
         return to_device(batch, self.device)

@@ -36,7 +36,7 @@ class MetricsLogger:
         run_dir: run folder (``metrics.csv`` and ``tb/`` go there).
         loss_keys: the logged values, e.g. ``("loss", "loss_mlc", ..., "swav_collapse")``.
         total_steps, start_step: run length and where this session starts (resume).
-        global_batch: images per step, for the progress bar's img/s and ETA.
+        global_batch: images per step, for the progress bar's img/s when a row has no ``img_per_s``.
         loggers: ``train.loggers`` (``metrics.csv`` is always written); ``tensorboard`` gives ``self.tb``.
         settings: the ``TrainConfig`` whose ``wandb`` / ``mlflow`` blocks configure those loggers.
         config: the resolved run config, sent to W&B / MLflow.
@@ -80,11 +80,10 @@ class MetricsLogger:
             from hvpmtl.engine.loggers import open_trackers
 
             self.trackers = open_trackers(loggers, settings, run_dir, config)
-        self.bar = tqdm(
-            total=total_steps * global_batch,
-            initial=start_step * global_batch,
-            unit="img",
-            unit_scale=True,
+        self.bar = tqdm(  # counts steps (as train.max_steps and the checkpoints do); img/s in the postfix
+            total=total_steps,
+            initial=start_step,
+            unit="step",
             dynamic_ncols=True,
             disable=not progress,
             file=sys.stderr,
@@ -106,8 +105,14 @@ class MetricsLogger:
             tracker.log([{c: r[c] for c in self.columns if c in r} for r in rows])
         last = rows[-1]
         post = {k.removeprefix("loss_"): f"{last[k]:.4g}" for k in self.loss_keys if k in last}
-        self.bar.set_postfix(post | {"skipped": int(last["skipped_steps"])}, refresh=False)
-        self.bar.update(len(rows) * self.global_batch)
+        speed = last.get("img_per_s", math.nan)
+        if not math.isfinite(speed):  # rows without it: this session's steps over its time so far
+            elapsed = self.bar.format_dict["elapsed"]
+            done = self.bar.n + len(rows) - self.bar.initial
+            speed = done * self.global_batch / elapsed if elapsed > 0 else math.nan
+        speed_post = {"img/s": f"{speed:.0f}"} if math.isfinite(speed) else {}
+        self.bar.set_postfix(post | speed_post | {"skipped": int(last["skipped_steps"])}, refresh=False)
+        self.bar.update(len(rows))
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -127,30 +132,68 @@ def _fmt(v: float) -> str:
     return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def summarize(rows: list[dict], loss_keys: tuple[str, ...], window: int = 10) -> dict:
-    """First vs last value of each loss (means over the first/last ``window`` finite steps) under
-    ``"losses"``, and how many rows had a finite value of each under ``"finite_rows"``."""
-    out: dict = {"losses": {}, "finite_rows": {}}
+def compares_as_change(key: str) -> bool:
+    """Whether ``key``'s first-to-last change reads as learning: the training losses. Not
+    ``loss_distill`` (the teacher starts as a copy of the student, so it starts near 0 and grows)
+    nor bounded quantities (gradient shares and cosines, ``swav_collapse``, k-NN scores), whose
+    start and end values are shown instead."""
+    return key == "loss" or (key.startswith("loss_") and key != "loss_distill")
+
+
+def _first_last(vals: list[float], window: int) -> tuple[float, float]:
+    w = max(1, min(window, len(vals) // 4 or 1))
+    return sum(vals[:w]) / w, sum(vals[-w:]) / w
+
+
+def summarize(rows: list[dict], loss_keys: tuple[str, ...], window: int = 10, warmup_steps: int = 0) -> dict:
+    """Start and end value of each logged key (means over the first/last ``window`` finite rows)
+    under ``"losses"``; for the losses (:func:`compares_as_change`) of a run that went past its
+    ``warmup_steps``, the start is the first logged step after warm-up (a loss that rises while
+    the learning rate ramps up is no divergence) and ``"changes"`` holds the percent change.
+    ``"finite_rows"`` counts the rows with a finite value of each key."""
+    after = [r for r in rows if r.get("step", math.inf) > warmup_steps] if warmup_steps > 0 else rows
+    out: dict = {"losses": {}, "finite_rows": {}, "changes": {}, "warmup_steps": warmup_steps, "window": window,
+                 "past_warmup": bool(after), "compare_from": after[0].get("step") if after else None}  # fmt: skip
     for k in loss_keys:
         vals = [r[k] for r in rows if k in r and math.isfinite(r[k])]
         out["finite_rows"][k] = len(vals)
+        if not vals:
+            continue
+        out["losses"][k] = _first_last(vals, window)
+        if not compares_as_change(k):
+            continue
+        vals = [r[k] for r in after if k in r and math.isfinite(r[k])]
         if vals:
-            w = max(1, min(window, len(vals) // 4 or 1))
-            out["losses"][k] = (sum(vals[:w]) / w, sum(vals[-w:]) / w)
+            out["losses"][k] = first, last = _first_last(vals, window)
+            if len(vals) >= 2 and first:
+                out["changes"][k] = 100 * (last - first) / abs(first)
     return out
 
 
 def format_summary(summary: dict, steps: int, skipped: int, seconds: float, images_per_s: float) -> str:
-    """The table printed at the end of a run. A change needs two finite rows (else ``—``); a run
-    with skipped steps says how many."""
+    """The table printed at the end of a run: start, end and (losses past warm-up) change. A
+    change needs two finite rows after warm-up (else ``—``); a run with skipped steps says how many."""
     finite_rows = summary.get("finite_rows", {})
-    lines = [f"{'':16s}{'first':>12s}{'last':>12s}{'change':>10s}"]
+    changes = summary.get("changes", {})
+    warmup = summary.get("warmup_steps", 0)
+    width = max([16, *(len(k) + 2 for k in finite_rows), *(len(k) + 2 for k in summary["losses"])])
+    lines = [f"{'':{width}s}{'start':>12s}{'end':>12s}{'change':>10s}"]
     for k, (first, last) in summary["losses"].items():
-        change = f"{100 * (last - first) / abs(first):+.1f}%" if first else "n/a"
-        if finite_rows.get(k, 2) < 2:  # first and last are the same row
-            change = "—"
-        lines.append(f"{k:16s}{first:12.5g}{last:12.5g}{change:>10s}")
-    lines += [f"{k:16s}{'—':>12s}{'—':>12s}{'—':>10s}" for k, n in finite_rows.items() if n == 0]
+        change = f"{changes[k]:+.1f}%" if k in changes else ("—" if compares_as_change(k) else "")
+        lines.append(f"{k:{width}s}{first:12.5g}{last:12.5g}{change:>10s}".rstrip())
+    lines += [f"{k:{width}s}{'—':>12s}{'—':>12s}{'—':>10s}" for k, n in finite_rows.items() if n == 0]
+    steps_word = "step" if warmup == 1 else "steps"
+    start = summary.get("compare_from")
+    if warmup > 0 and not summary.get("past_warmup", True):
+        lines.append(f"run ended within the {warmup} warm-up {steps_word}: no loss comparison")
+    elif warmup > 0:
+        where = f"from step {start:.0f}, the first" if start is not None else "from the first step"
+        lines.append(f"losses compared {where} after the {warmup} warm-up {steps_word} (start, end: means of up to "
+                     f"{summary.get('window', 10)} steps)")  # fmt: skip
+    values_only = [k for k in summary["losses"] if not compares_as_change(k)]
+    if values_only:
+        distill = "; loss_distill starts at 0 (the teacher starts as the student)"
+        lines.append(f"bounded values: start and end only, no change{distill if 'loss_distill' in values_only else ''}")
     if skipped:
         lines.append(f"skipped steps: {skipped} of {steps} (non-finite loss or gradient)")
     minutes, secs = divmod(int(round(seconds)), 60)

@@ -312,17 +312,26 @@ def describe_changes(saved: dict, current: dict, keys: list[str]) -> str:
 # environment
 
 
+def package_version() -> str:
+    """The installed ``hvpmtl`` version (its package metadata; the engine does not import the
+    package root); ``unknown`` when run from a source tree that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hvpmtl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def environment(world_size: int, device: torch.device) -> dict:
     """What a run's numbers depend on besides its config: versions, device, processes and the
     CPU threads (1 and 2 threads already differ in the fifth digit of the loss after 20 steps)."""
     import timm
     import torchvision
 
-    from hvpmtl import __version__
-
     info = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
-        "python": sys.version.split()[0], "platform": platform.platform(), "hvpmtl": __version__,
+        "python": sys.version.split()[0], "platform": platform.platform(), "hvpmtl": package_version(),
         "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
         "device": device.type, "world_size": world_size, "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),

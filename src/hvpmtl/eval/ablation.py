@@ -3,9 +3,11 @@
 One preset is pre-trained under every task mix on the same data, budget and seeds; each
 backbone, and the random initialisation the runs started from, is then scored by the frozen-
 feature evaluations of :mod:`hvpmtl.eval.frozen` (``hvpmtl linprobe`` / ``hvpmtl knn``), and a
-table of mean ± std over seeds is written. Every cell is an ordinary run folder
-``<out>/<mix>-s<seed>`` and every step an ordinary ``hvpmtl`` command, so an interrupted
-ablation continues where it stopped and any cell can be re-run by hand.
+table of mean ± std over seeds is written; next to the probe, the mAP of the pre-trained MLC
+head itself (``hvpmtl mlc-head``) for the mixes that train one. Every cell is an ordinary run
+folder ``<out>/<mix>-s<seed>`` and every step an ordinary ``hvpmtl`` command, so an interrupted
+ablation continues where it stopped and any cell can be re-run by hand. The commands run through
+the ``run_command`` the caller passes (``hvpmtl ablate``: the CLI's own ``main``) or a launcher.
 
 Momentum distillation is not offered alone: it distils the MLC head's label similarities, and
 without MLC (or a pre-trained head) it has no label signal to distil.
@@ -17,6 +19,8 @@ import json
 import math
 import shlex
 import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +47,21 @@ SMOKE = ["train.max_steps=3", "train.ckpt_every=3", "data.batch_size=16", "data.
          "data.val_size=24", "eval.knn_every=0"]  # fmt: skip
 
 
+def smoke_overrides(dataset: str) -> list[str]:
+    """``SMOKE`` less the ``data.*`` keys ``dataset`` does not read (a manifest has its own size)."""
+    from hvpmtl.data.config import has_effect
+
+    return [o for o in SMOKE if not o.startswith("data.") or has_effect(o.split("=")[0].removeprefix("data."), dataset)]
+
+
 @dataclass
 class Evaluation:
     """One table column: a frozen-feature command and its arguments; its metric is ``mAP`` on
-    multi-label data and ``top1`` on single-label data."""
+    multi-label data and ``top1`` on single-label data. ``mlc-head`` scores the run's own MLC
+    head (no backbone evaluation): only mixes that train MLC have it."""
 
     name: str
-    command: str  # knn | linprobe
+    command: str  # knn | linprobe | mlc-head
     args: list[str] = field(default_factory=list)
 
     @property
@@ -57,12 +69,17 @@ class Evaluation:
         return self.name.lower().replace(" ", "-")
 
 
-def evaluations(dataset: str, images: tuple[int, int], items: tuple[int, int] | None) -> list[Evaluation]:
+def evaluations(
+    dataset: str, images: tuple[int, int], items: tuple[int, int] | None, mlc_head: bool = True
+) -> list[Evaluation]:
     """The columns: a linear probe on the pre-training data's own held-out images (``dataset``,
-    its tags), then, with ``items``, k-NN and a linear probe on single Fashion-MNIST items. Items
-    are shown at the size they have in ``fmnist-mosaic`` (half the image side, centred), the
-    scale the backbone learnt; resized to the whole image they scored 6 points lower."""
+    its tags) and (``mlc_head``) the MLC head's mAP on the same held-out images, then, with
+    ``items``, k-NN and a linear probe on single Fashion-MNIST items. Items are shown at the size
+    they have in ``fmnist-mosaic`` (half the image side, centred), the scale the backbone learnt;
+    resized to the whole image they scored 6 points lower."""
     out = [Evaluation(f"probe {dataset}", "linprobe", [f"train_images={images[0]}", f"eval_images={images[1]}"])]
+    if mlc_head:
+        out.append(Evaluation("MLC head mAP", "mlc-head", [f"eval_images={images[1]}"]))
     if items:
         scale = ["data.item_scale=0.5"] if dataset == "fmnist-mosaic" else []
         sizes = ["-c", "fmnist", f"train_images={items[0]}", f"eval_images={items[1]}", *scale]
@@ -89,7 +106,8 @@ class Ablation:
     mixes: list[str]
     seeds: list[int]
     evals: list[Evaluation]
-    launcher: str = ""  # e.g. "torchrun --nproc_per_node=8"; empty = in this process
+    launcher: str = ""  # e.g. "torchrun --nproc_per_node=8"; empty = in this process, by run_command
+    run_command: Callable[[list[str]], int] | None = None  # runs `hvpmtl ARGV` here, returns its exit status
 
     def cell(self, mix: str, seed: int) -> Path:
         return self.out / f"{mix}-s{seed}"
@@ -98,11 +116,17 @@ class Ablation:
         return ["pretrain", *(["-c", self.preset] if self.preset else []), *self.overrides, *mix_overrides(mix),
                 f"train.seed={seed}", f"train.output_dir={self.cell(mix, seed)}", "train.resume=auto"]  # fmt: skip
 
+    def applies(self, ev: Evaluation, mix: str) -> bool:
+        """Whether row ``mix`` has a value in column ``ev``: the MLC head only where MLC trained."""
+        return ev.command != "mlc-head" or (mix not in BASELINES and "mlc" not in MIXES[mix])
+
     def eval_args(self, ev: Evaluation, mix: str, seed: int) -> list[str]:
         """``mix == "random"``: the first mix's run with ``--random-init`` (every mix of one seed
         starts from the same backbone weights); ``"pixels"``: the same evaluation on the
         normalised input pixels (logistic regression / k-NN on raw pixels, the floor a
         pre-trained backbone must clear)."""
+        if ev.command == "mlc-head":  # writes <cell>/eval/mlc-head-<data>-student.json
+            return [ev.command, str(self.cell(mix, seed)), *ev.args]
         source = self.cell(self.mixes[0] if mix in BASELINES else mix, seed)
         flags = ["--random-init"] if mix == "random" else []
         if mix == "pixels":
@@ -113,6 +137,8 @@ class Ablation:
         """A baseline's folder is in the first mix's cell, unless a cell of the same seed under
         ``out`` already holds it: every mix of a seed starts from the same weights, so a mix added
         to an earlier ablation reuses that ablation's random-init and raw-pixel results."""
+        if ev.command == "mlc-head":
+            return self.cell(mix, seed) / "eval"
         if mix in BASELINES:
             name = f"{ev.slug}-{BASELINES[mix]}"
             done = sorted(p.parent.parent.parent for p in self.out.glob(f"*-s{seed}/ablate/{name}/*.json"))
@@ -120,6 +146,14 @@ class Ablation:
         return self.cell(mix, seed) / "ablate" / ev.slug
 
     def result(self, ev: Evaluation, mix: str, seed: int) -> float | None:
+        if not self.applies(ev, mix):
+            return None
+        if ev.command == "mlc-head":  # the run's eval/ holds other results too: the one on these images
+            asked = dict(a.split("=", 1) for a in ev.args).get("eval_images", "0")
+            tail = f"(val {'all' if asked == '0' else asked})"
+            files = sorted(self.result_dir(ev, mix, seed).glob("mlc-head-*-student.json"))
+            records = [r for f in files if (r := json.loads(f.read_text())).get("data", "").endswith(tail)]
+            return float(records[-1]["metrics"]["mAP"]) if records else None
         files = sorted(self.result_dir(ev, mix, seed).glob("*.json"))
         if not files:
             return None
@@ -138,7 +172,7 @@ class Ablation:
         for seed in self.seeds:
             for mix in self.rows():
                 for ev in self.evals:
-                    if self.result(ev, mix, seed) is None:
+                    if self.applies(ev, mix) and self.result(ev, mix, seed) is None:
                         self._call(self.eval_args(ev, mix, seed), log)
         table = self.table()
         (self.out / "ablation.md").write_text(table + "\n")
@@ -147,12 +181,13 @@ class Ablation:
 
     def _call(self, argv: list[str], log) -> None:
         log("$ hvpmtl " + " ".join(shlex.quote(a) for a in argv))
-        if self.launcher:
-            rc = subprocess.run([*shlex.split(self.launcher), "-m", "hvpmtl", *argv]).returncode
+        if self.launcher:  # mlc-head is one process's work (under torchrun every rank would write it)
+            launcher = [sys.executable] if argv[0] == "mlc-head" else shlex.split(self.launcher)
+            rc = subprocess.run([*launcher, "-m", "hvpmtl", *argv]).returncode
+        elif self.run_command is not None:
+            rc = self.run_command(argv)
         else:
-            from hvpmtl.cli import main
-
-            rc = main(argv)
+            raise ValueError("Ablation: give run_command (e.g. hvpmtl.cli.main) or a launcher to run its steps")
         if rc:
             raise RuntimeError(f"ablate: this step failed (exit {rc}); fix it and run the same command again "
                                f"(finished steps are kept): hvpmtl {' '.join(argv)}")  # fmt: skip
@@ -211,12 +246,13 @@ class Ablation:
                  f"| ≥ {bar:g} point over every other | lead over raw pixels |",
                  "|---|---|---:|:-:|---:|"]  # fmt: skip
         for ev in self.evals:
-            leads = {o: d for o in others if (d := self.paired_differences(ev.name, mix, o))}
+            rivals = [o for o in others if self.applies(ev, o)]  # the MLC head: the other MLC mixes
+            leads = {o: d for o in rivals if (d := self.paired_differences(ev.name, mix, o))}
             if not leads:
                 continue
             closest = min(leads, key=lambda o: mean_std(leads[o])[0])
             m, s = mean_std(leads[closest])
-            complete = len(leads) == len(others)
+            complete = len(leads) == len(rivals)
             verdict = ("yes" if m >= bar else "no") if complete else "— (cells missing)"
             pix = self.paired_differences(ev.name, mix, "pixels")
             pixels = f"{mean_std(pix)[0]:+.1f}" if pix else "—"

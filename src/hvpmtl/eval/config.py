@@ -13,10 +13,17 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from hvpmtl.data.config import DataConfig
-from hvpmtl.engine.config import DistConfig, OptimConfig, TrainConfig, _checker
+from hvpmtl.engine.config import (
+    BACKBONE_FEATURES,
+    DistConfig,
+    MonitorConfig,  # noqa: F401  (re-export: the ``eval.*`` block of hvpmtl.config lives in engine.config)
+    OptimConfig,
+    TrainConfig,
+    _checker,
+)
 
 PRESET_ROOT = Path(__file__).resolve().parents[1] / "configs"
-FEATURES = ("mean", "pooled", "both", "grid", "pixels")
+FEATURES = (*BACKBONE_FEATURES, "pixels")
 COMMANDS = ("finetune", "detect", "segment")
 
 
@@ -106,34 +113,6 @@ class FeatureEvalConfig:
 
 
 @dataclass
-class MonitorConfig:
-    """k-NN monitoring during pre-training (``eval.*`` keys of the pre-training config).
-
-    Every ``knn_every`` steps and at the last step (off for runs shorter than ``knn_every``),
-    the student's and the teacher's features of the first ``knn_train_images`` train images
-    (clean labels) classify the first ``knn_val_images`` val images; the results go to
-    metrics.csv and TensorBoard as ``knn_<metric>`` and ``knn_teacher_<metric>``. The numbers
-    equal ``hvpmtl knn`` on the same checkpoint with ``train_images``/``eval_images`` set alike.
-    """
-
-    knn_every: int = 0  # steps; 0 = off
-    knn_train_images: int = 1000
-    knn_val_images: int = 500
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    knn_feature: str = "mean"
-
-    def validate(self, prefix: str = "") -> None:
-        check = _checker(self, prefix)
-        check(self.knn_every >= 0, "knn_every", "must be >= 0 (0: off)")
-        check(self.knn_train_images > 0 and self.knn_val_images > 0, "knn_train_images", "must be positive")
-        check(self.knn_k >= 1, "knn_k", "must be >= 1")
-        check(self.knn_temperature > 0, "knn_temperature", "must be positive")
-        backbone_kinds = [k for k in FEATURES if k != "pixels"]  # the monitor embeds with the backbone
-        check(self.knn_feature in backbone_kinds, "knn_feature", f"choose one of {', '.join(backbone_kinds)}")
-
-
-@dataclass
 class FinetuneConfig:
     """SimMIM/BEiT fine-tuning recipe (SimMIM's ViT-B and Swin-B configs as defaults)."""
 
@@ -176,19 +155,15 @@ def _finetune_train() -> TrainConfig:
     return TrainConfig(epochs=100, output_dir="", log_every=20, ckpt_every=1000, resume="auto", grad_share_every=0)
 
 
-# Keys of the shared blocks that the downstream loop (hvpmtl.eval.trainer) does not read, and why: a value
-# other than the command's default stops finetune, detect and segment instead of being ignored
+# Keys of the shared blocks that the training loop cannot apply to a downstream task (hvpmtl.eval.downstream),
+# and why: a value other than the command's default stops finetune, detect and segment instead of being ignored
 LOOP_IGNORES = {
-    "train.compile": "the downstream loop does not compile",
-    "train.loggers": "the downstream loop writes metrics.csv and TensorBoard, nothing else",
-    "train.wandb": "the downstream loop has no wandb logger",
-    "train.mlflow": "the downstream loop has no MLflow logger",
-    "train.grad_share_every": "the downstream loop does not measure gradient shares",
-    "train.pictures_every": "the downstream loop draws no pictures",
-    "train.pictures_count": "the downstream loop draws no pictures",
-    "optim.impl": "the downstream loop uses AdamW fused on CUDA, foreach elsewhere",
-    "optim.weight_decay_end": "the downstream loop keeps the weight decay constant",
-    "dist.strategy": "the downstream loop always uses DDP",
+    "train.compile": "downstream models are not compiled",
+    "train.grad_share_every": "gradient shares are pre-training's (one share per pre-training task)",
+    "train.pictures_every": "training pictures are pre-training's",
+    "train.pictures_count": "training pictures are pre-training's",
+    "dist.strategy": "downstream evaluation shards the data over the processes, which FSDP's collective "
+    "forward cannot follow; downstream models fit one device: DDP",
 }
 
 

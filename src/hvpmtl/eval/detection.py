@@ -5,7 +5,7 @@ through an FPN, or ViTDet's simple feature pyramid) plus a max-pooled fifth leve
 torchvision's ``MaskRCNN``. Inputs follow ViTDet: resized so that the long side fits
 ``img_size`` (short side ``min_size``, drawn per batch in training) and padded to one
 ``img_size x img_size`` square, so ViT position embeddings never need resampling. Training is
-the shared :func:`hvpmtl.eval.trainer.train_downstream` loop (AdamW, warm-up + cosine, DDP);
+the shared :func:`hvpmtl.eval.downstream.train_downstream` loop (AdamW, warm-up + cosine, DDP);
 evaluation is pycocotools' ``COCOeval`` on boxes and masks (AP, AP50, AP75 in %).
 
 >>> out = run_detect(load_config("cpu-maskrcnn", cls=DetectRunConfig, preset_dir=preset_dir("detect")),
@@ -32,9 +32,9 @@ from hvpmtl.data.coco import CocoInstances, export_coco
 from hvpmtl.data.views import SeededItems
 from hvpmtl.engine.distributed import DistEnv, all_gather_object, barrier, broadcast_object
 from hvpmtl.eval.config import DetectRunConfig
+from hvpmtl.eval.downstream import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.identity import run_identity
 from hvpmtl.eval.pyramid import SwinStages, build_dense_backbone, build_pyramid
-from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.weights import Weights
 
 __all__ = [
@@ -273,9 +273,9 @@ def detection_task(
         model=model,
         train_set=SeededItems(train, TrainTransform(cfg.detect.hflip), seed=cfg.train.seed),
         collate=collate_detection,
-        loss=loss,
-        evaluate=evaluate,
-        param_groups=layer_decay_groups(model, backbone_of(model).model, cfg.optim.weight_decay, cfg.layer_decay),
+        loss_fn=loss,
+        evaluate_fn=evaluate,
+        groups=layer_decay_groups(model, backbone_of(model).model, cfg.optim.weight_decay, cfg.layer_decay),
         loss_keys=LOSS_KEYS,
     )
 

@@ -23,9 +23,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from hvpmtl.data import EvalImages, EvalTransform, FashionMNISTItems, ImageFiles, SeededItems, build_dataset
 from hvpmtl.engine.distributed import DistEnv, all_gather_object
 from hvpmtl.eval.config import FinetuneRunConfig
+from hvpmtl.eval.downstream import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.identity import run_identity
 from hvpmtl.eval.metrics import multilabel_metrics, topk_accuracy
-from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.weights import Weights, load_into
 
 
@@ -143,7 +143,7 @@ def finetune_task(cfg: FinetuneRunConfig, weights: Weights, env: DistEnv) -> tup
     task = DownstreamTask(
         name="finetune", model=model, train_set=SeededItems(train_base, _train_transform(cfg, size), cfg.train.seed),
         collate=lambda items: (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])),
-        loss=loss, evaluate=evaluate, param_groups=groups,
+        loss_fn=loss, evaluate_fn=evaluate, groups=groups,
     )  # fmt: skip
     facts = {"train_images": len(train_base), "eval_images": len(test_base), "classes": classes, "multi_label": multi}
     return task, facts

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from torch.utils.data import Dataset, Subset
 
+from hvpmtl.config import ConfigError
 from hvpmtl.data import EvalImages, EvalTransform, build_dataset
 from hvpmtl.data.config import DataConfig
 from hvpmtl.engine.distributed import DistEnv, broadcast_object
@@ -36,7 +37,6 @@ def _check_classes(train: Dataset, data: DataConfig) -> None:
     base = base.dataset if isinstance(base, Subset) else base  # train_images=N: the first N of the split
     classes = list(getattr(train, "classes", None) or getattr(base, "classes", None) or [])
     if 0 < len(classes) < 2:
-        from hvpmtl.config import ConfigError
         from hvpmtl.eval.report import data_label
 
         raise ConfigError(

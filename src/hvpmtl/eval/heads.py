@@ -12,61 +12,14 @@ from torch.utils.data import DataLoader
 
 from hvpmtl.data.config import DataConfig
 from hvpmtl.eval.metrics import multilabel_metrics
-from hvpmtl.eval.weights import WeightsError, check_tensors, metadata_json
+from hvpmtl.runs import Run, WeightsError, model_part
 
 
 def load_pretrained_model(source: str | Path, device: str | torch.device = "cpu"):
     """The whole :class:`hvpmtl.HVPMTL` (student, heads, teacher) of a run folder, its
-    ``model.safetensors`` or a checkpoint, in eval mode, with the run's config. ``model.class_names``
-    holds the names of the MLC logits (None for files written before names were stored)."""
-    from hvpmtl.config import Config, from_dict
-    from hvpmtl.engine.checkpoint import find_latest, load_checkpoint
-    from hvpmtl.hvp import HVPMTL
-
-    path = Path(source)
-    if not path.exists():
-        raise WeightsError(f"{path}: no such run folder or weights file")
-    if path.is_dir():
-        path = path / "model.safetensors" if (path / "model.safetensors").is_file() else find_latest(path)
-        if path is None:
-            raise WeightsError(f"{source}: no model.safetensors and no checkpoint: not an hvpmtl run folder")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "hvpmtl":
-            raise WeightsError(f"{path}: not an hvpmtl model.safetensors (the MLC head needs the whole model)")
-        state, config = load_file(str(path)), metadata_json(meta, "config", path)
-        names = _stored_names(meta["class_names"], path) if "class_names" in meta else None
-    else:
-        ckpt = load_checkpoint(path)
-        state, config, names = ckpt["model"], ckpt["config"], ckpt.get("class_names")
-    cfg = from_dict(Config, config)
-    model = HVPMTL(cfg.backbone, cfg.tasks, cfg.data.num_classes)
-    check_tensors(state, model.state_dict(), str(path))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path}: weights do not fit the run's model (missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
-    model.class_names = list(names) if names is not None else None
-    return model.to(device).eval(), cfg
-
-
-def _stored_names(text: str, path: Path) -> list[str]:
-    """The ``class_names`` metadata of a model.safetensors: a JSON list of names, else :class:`WeightsError`."""
-    import json
-
-    try:
-        names = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path}: metadata 'class_names' is not valid JSON ({err})") from None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise WeightsError(f"{path}: metadata 'class_names' is not a JSON list of names")
-    return names
+    ``model.safetensors`` or a checkpoint, in eval mode, with the run's config
+    (:meth:`hvpmtl.runs.Run.model`). ``model.class_names`` holds the names of the MLC logits."""
+    return Run(source).model(device)
 
 
 def head_order(model, classes: list[str], source: str | Path) -> list[int] | None:
@@ -105,9 +58,7 @@ def mlc_head_metrics(
     data = data or cfg.data
     images = eval_images(data, cfg.backbone.img_size, split, limit)
     order = head_order(model, list(getattr(images, "classes", None) or []), source)
-    if teacher and model.teacher is None:
-        raise WeightsError(f"{source}: no teacher (momentum distillation was off)")
-    backbone, head = (model.teacher["backbone"], model.teacher["mlc"]) if teacher else (model.backbone, model.mlc)
+    backbone, head = model_part(model, "teacher" if teacher else "student", source)
     scores, labels = [], []
     for x, y in DataLoader(images, batch_size=128):
         logits = head(backbone(x.to(device), None)[0])[0]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from hvpmtl.config import ConfigError
 from hvpmtl.engine.run_dir import IDENTITY_FILE
 
 # which images and which tags: the keys that name the data (sizes, batch and loading settings do not)
@@ -87,8 +88,6 @@ def run_identity(command: str, cfg: Any, weights: Any) -> dict:
 def check_resume_identity(saved: dict | None, current: dict, path: str | Path) -> str | None:
     """:class:`~hvpmtl.config.ConfigError` (one line) when the checkpoint at ``path`` was trained
     from other source weights or on other data; a warning line when it records neither."""
-    from hvpmtl.config import ConfigError
-
     if not saved:
         return f"warning: {path} records no source weights or data (written by an older version): not checked"
     again = "start a new run with --overwrite (train.overwrite=true), or choose another train.output_dir"

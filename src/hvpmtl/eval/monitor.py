@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from hvpmtl.data import build_dataset
 from hvpmtl.engine.distributed import DistEnv
 from hvpmtl.eval.features import extract_features
+from hvpmtl.eval.finetune import is_multi_label
+from hvpmtl.eval.frozen import eval_images
 from hvpmtl.eval.knn import knn_evaluate
 
 
@@ -21,10 +24,6 @@ class KNNMonitor:
     """Callable on the unwrapped ``HVPMTL``; returns ``{"knn_<metric>": .., "knn_teacher_<metric>": ..}``."""
 
     def __init__(self, cfg, env: DistEnv, teacher: bool = True):
-        from hvpmtl.data import build_dataset
-        from hvpmtl.eval.finetune import is_multi_label
-        from hvpmtl.eval.frozen import eval_images
-
         m, size = cfg.eval, cfg.backbone.img_size
         self.cfg, self.env = m, env
         self.train = eval_images(cfg.data, size, "train", m.knn_train_images)

@@ -30,10 +30,16 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from hvpmtl.config import ConfigError
+from hvpmtl.data import EvalTransform, build_dataset
 from hvpmtl.data.config import DataConfig
 from hvpmtl.engine.config import _checker
+from hvpmtl.engine.distributed import resolve_device
 from hvpmtl.eval.config import RuntimeConfig
 from hvpmtl.eval.head_check import TaggedImages, describe, head_check, head_probabilities
+from hvpmtl.eval.heads import head_order, load_pretrained_model
+from hvpmtl.eval.report import data_label
+from hvpmtl.runs import WeightsError, model_part
 
 FILES = ("noise_report.csv", "noise_report.html", "noise_report.json")
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads such a cell as a formula
@@ -289,13 +295,6 @@ def run_noise_report(source: str | Path, cfg: NoiseReportConfig, out_dir: str | 
     """Score ``cfg.split`` of ``cfg.data`` with the run's MLC head and write the report to
     ``out_dir``. Returns ``{"paths", "table", "head", "images"}``; ``log`` gets what a user reads;
     ``loaded``: the ``(model, config)`` :func:`hvpmtl.eval.heads.load_pretrained_model` gave."""
-    from hvpmtl.config import ConfigError
-    from hvpmtl.data import EvalTransform, build_dataset
-    from hvpmtl.engine.distributed import resolve_device
-    from hvpmtl.eval.heads import head_order, load_pretrained_model
-    from hvpmtl.eval.report import data_label
-    from hvpmtl.eval.weights import WeightsError
-
     device = resolve_device(cfg.run.device)
     model, run_cfg = loaded or load_pretrained_model(source, device)
     model.to(device)
@@ -305,8 +304,7 @@ def run_noise_report(source: str | Path, cfg: NoiseReportConfig, out_dir: str | 
     if head == "teacher" and model.teacher is None:
         notes.append(f"note: {source} has no teacher (tasks.distill.weight was 0): scoring with the student's MLC head")
         head = "student"
-    backbone, decoder = (model.teacher["backbone"], model.teacher["mlc"]) if head == "teacher" else (
-        model.backbone, model.mlc)  # fmt: skip
+    backbone, decoder = model_part(model, head, source)
     size = run_cfg.backbone.img_size
     try:
         base = build_dataset(cfg.data, size, cfg.split)

@@ -45,9 +45,11 @@ def write_result(
     metrics: dict,
     settings: dict | None = None,
     extra: dict | None = None,
+    echo: bool = True,
 ) -> Path:
-    """Write ``<out_dir>/<stem>.json`` and append the row to ``<out_dir>/results.md``; returns
-    the JSON path. Call on rank 0 only."""
+    """Write ``<out_dir>/<stem>.json`` and append the row to ``<out_dir>/results.md`` (and print
+    it unless ``echo`` is false: a caller with its own summary); returns the JSON path. Call on
+    rank 0 only."""
     from hvpmtl.engine.checkpoint import atomic_write
 
     out = Path(out_dir)
@@ -65,5 +67,6 @@ def write_result(
         table.write_text(HEADER)
     with open(table, "a") as f:
         f.write(row)
-    print(row.strip())
+    if echo:
+        print(row.strip())
     return path

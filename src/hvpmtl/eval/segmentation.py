@@ -35,9 +35,9 @@ from torchvision.transforms import v2
 
 from hvpmtl.data.views import SeededItems
 from hvpmtl.engine.distributed import DistEnv, all_reduce_sum, barrier, broadcast_object
+from hvpmtl.eval.downstream import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.identity import run_identity
 from hvpmtl.eval.pyramid import build_dense_backbone, build_pyramid
-from hvpmtl.eval.trainer import DownstreamTask, layer_decay_groups, seed_all, train_downstream
 from hvpmtl.eval.weights import Weights
 
 SCALE_RANGE = (0.5, 2.0)  # mmseg ADE20K: Resize(ratio_range=(0.5, 2.0)) around the crop size

@@ -77,6 +77,10 @@ class Step:
     features: dict[Key, tuple[torch.Tensor, torch.Tensor]]
     phases: dict[str, dict[str, Any]]
     shared: dict[str, Any] = field(default_factory=dict)
+    # which tags are known (bool, B x 1 per image or B x C per element; None: all), and the global
+    # batch's known counts per shard (hvpmtl.objectives.mlc.known_counts; None: this batch's own)
+    known: torch.Tensor | None = None
+    known_counts: torch.Tensor | None = None
 
     def fmap(self, name: str) -> torch.Tensor:
         return self.features[self.inputs[name]][0]
@@ -103,6 +107,7 @@ class Objective:
     requires: ClassVar[tuple[str, ...]] = ()  # objectives whose modules and step.shared output this one reads;
     # they are built (even at weight 0) and run before it
     masks_pixels: ClassVar[bool] = False  # reads masked pixels (MIM): the masked view is encoded under the mask
+    reads_labels: ClassVar[bool] = False  # needs the images' tags: a data set without any tag cannot train it
     logged: ClassVar[tuple[str, ...]] = ()  # forward() extras the training loop logs beside loss_<name>
 
     def __init__(self, cfg: Any):
@@ -211,6 +216,11 @@ class TasksConfig:
         block = cls.config_cls()
         setattr(self, name, block)
         return block
+
+    def label_readers(self) -> list[str]:
+        """``tasks.<name>`` of each objective that reads tags (:attr:`Objective.reads_labels`) and is on
+        (weight > 0), in registration order: what a data set without tags cannot train."""
+        return [f"tasks.{n}" for n, c in _REGISTRY.items() if c.reads_labels and getattr(self, n).weight > 0]
 
 
 def _refresh_tasks_config() -> None:

@@ -82,6 +82,7 @@ class DistillObjective(Objective):
 
     modules = ("teacher",)
     requires = ("mlc",)
+    reads_labels = True  # its teacher targets are MLC outputs, trained on tags
 
     def build(self, model: nn.Module, num_classes: int | None) -> dict[str, nn.Module]:
         teacher = EMATeacher({"backbone": copy.deepcopy(model.backbone), "mlc": copy.deepcopy(model.mlc)})

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hvpmtl.backbones import probe_backbone
 from hvpmtl.data.masking import upsample_mask
 from hvpmtl.objectives.base import Objective, register_objective
 
@@ -68,8 +69,6 @@ class MIMObjective(Objective):
     def check_config(cls, cfg) -> None:
         """The mask units must tile the image (the data pipeline masks even when MIM is off) and,
         with MIM on, cover whole patches of a backbone whose stride divides the image."""
-        from hvpmtl.backbones import probe_backbone
-
         img, mim = cfg.backbone.img_size, cfg.tasks.mim
         if mim.mask_patch_size <= 0 or img % mim.mask_patch_size:
             raise ValueError(f"tasks.mim.mask_patch_size={mim.mask_patch_size}: must divide backbone.img_size={img}")

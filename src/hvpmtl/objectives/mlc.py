@@ -196,6 +196,8 @@ def weighted_asymmetric_loss(
     clip: float = 0.0,
     reduction: str = "sum",
     detach_focusing: bool = False,
+    known: torch.Tensor | None = None,
+    known_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Eq. (1): ``L+ = -eta (1-p)^g+ log p`` on positives, ``L- = -p_m^g- log(1-p_m)`` on negatives.
 
@@ -204,6 +206,12 @@ def weighted_asymmetric_loss(
     (ASL's reference). Computed in fp32. ``logits, targets: B x C``; ``reduction``: ``sum`` over
     images and classes (ASL's repository), ``per_image`` (sum over classes, mean over images),
     ``mean``, or ``query2label`` (``sum / B / C * 1000``, Query2Label's ``AsymmetricLossOptimized``).
+
+    ``known`` (bool, ``B x 1`` per image or ``B x C`` per element): only known elements count;
+    the means are over known elements (``per_image``: over images with a known element), and
+    nothing known gives 0 with zero gradient. ``known_counts`` (:func:`known_counts` of the whole
+    global batch divided by its number of shards) replaces this batch's own counts, so that
+    shards averaged as mean losses are (processes x micro-batches) give the global batch's mean.
     """
     if reduction not in ("sum", "per_image", "mean", "query2label"):
         raise ValueError(f"weighted_asymmetric_loss: unknown reduction '{reduction}'")
@@ -221,11 +229,31 @@ def weighted_asymmetric_loss(
     loss_pos = eta * w_pos * F.logsigmoid(x)
     loss_neg = w_neg * log_neg
     loss = -(y * loss_pos + (1.0 - y) * loss_neg)
+    if known is not None:
+        return _known_reduction(loss, known, reduction, known_counts)
     if reduction == "per_image":
         return loss.sum(1).mean()
     if reduction == "query2label":
         return loss.mean() * QUERY2LABEL_SCALE
     return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def known_counts(known: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[known elements, images with a known element]`` (float) of a ``B x 1`` or ``B x C`` known-mask."""
+    images = known.any(1).sum()
+    elements = images * num_classes if known.shape[1] == 1 else known.sum()
+    return torch.stack([elements, images]).float()
+
+
+def _known_reduction(loss: torch.Tensor, known: torch.Tensor, reduction: str, counts: torch.Tensor | None):
+    """``loss`` (``B x C``) reduced over its known elements, divided by ``counts`` (or its own)."""
+    total = torch.where(known.expand_as(loss), loss, 0.0).sum()  # where, not *: an unknown inf/nan stays out
+    if reduction == "sum":
+        return total
+    counts = known_counts(known, loss.shape[1]) if counts is None else counts.to(loss.device, loss.dtype)
+    n = counts[1] if reduction == "per_image" else counts[0]
+    mean = total / torch.where(n > 0, n, 1.0)  # nothing known in the global batch: 0, zero gradient
+    return mean * QUERY2LABEL_SCALE if reduction == "query2label" else mean
 
 
 @register_objective("mlc", MLCConfig)
@@ -235,6 +263,7 @@ class MLCObjective(Objective):
     ``step.shared["mlc"]`` for momentum distillation, which needs the decoder even at weight 0."""
 
     modules = ("mlc",)
+    reads_labels = True
 
     def build(self, model: nn.Module, num_classes: int | None) -> dict[str, nn.Module]:
         if not num_classes:
@@ -254,7 +283,8 @@ class MLCObjective(Objective):
             c = self.cfg
             gp, gn = c.gammas
             reduction = {"global_sum": "sum"}.get(c.reduction, c.reduction)
-            loss = weighted_asymmetric_loss(logits, step.labels, c.eta, gp, gn, c.clip, reduction, c.detach_focusing)
+            loss = weighted_asymmetric_loss(logits, step.labels, c.eta, gp, gn, c.clip, reduction, c.detach_focusing,
+                                            step.known, step.known_counts)  # fmt: skip
             out["loss"] = loss * c.sum_images if c.reduction == "per_image" else loss
         return out
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from hvpmtl.runs import model_part
 from hvpmtl.viz.grid import BAD, GOOD, INK, denormalize, enlarge, overlay, tile_grid
 
 
@@ -21,9 +22,7 @@ def label_attention(model, images: torch.Tensor, teacher: bool = False) -> tuple
     under the MLC head of ``model`` (an :class:`hvpmtl.HVPMTL`; its EMA teacher with ``teacher``)."""
     if model.mlc is None:
         raise ValueError("this model has no MLC decoder (tasks.mlc and tasks.distill were off)")
-    if teacher and model.teacher is None:
-        raise ValueError("this model has no teacher (tasks.distill was off)")
-    backbone, head = (model.teacher["backbone"], model.teacher["mlc"]) if teacher else (model.backbone, model.mlc)
+    backbone, head = model_part(model, "teacher" if teacher else "student")
     fmap, _ = backbone(images, None)
     logits, maps = head.cross_attention(fmap)
     return logits.float().sigmoid(), maps.float()

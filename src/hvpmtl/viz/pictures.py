@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from hvpmtl.data import EvalImages, EvalTransform, MaskGenerator, build_dataset
 from hvpmtl.viz.attention import attention_picture
 from hvpmtl.viz.grid import auto_scale, save_png
 from hvpmtl.viz.recon import recon_grid
@@ -52,8 +53,6 @@ def picture_set(cfg, count: int = 8, split: str = "val", seed: int = 0) -> Pictu
     """The first ``count`` images of ``split`` of the data of ``cfg`` (an :class:`hvpmtl.Config`),
     with masks drawn from ``seed``. Raises ``ValueError`` / ``FileNotFoundError`` when the split
     cannot be read (e.g. a manifest without ``data.val_manifest``)."""
-    from hvpmtl.data import EvalImages, EvalTransform, MaskGenerator, build_dataset
-
     if count < 1:
         raise ValueError(f"count={count}: must be >= 1")
     size, d = cfg.backbone.img_size, cfg.data

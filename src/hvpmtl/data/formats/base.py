@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
+from hvpmtl.data.loading import DEFAULT_LOADING, ImageLoading
 from hvpmtl.data.manifest import ImageFiles, read_text
 from hvpmtl.reprs import short_repr
 
@@ -149,6 +149,7 @@ class FormatImages(ImageFiles):
         check_files: check at construction that every image file exists.
         missing_images: ``error`` (the first absent file stops construction, naming where it is
             listed) or ``drop`` (absent files are left out and counted in ``num_dropped_images``).
+        loading: how images load (:class:`~hvpmtl.data.loading.ImageLoading`: ``on_bad_image``, ...).
         has_negatives, has_boxes: the format has verified negatives / boxes.
         boxes_normalized: boxes are ``[0, 1]`` fractions of the image, scaled at load time.
     """
@@ -161,8 +162,7 @@ class FormatImages(ImageFiles):
         *,
         check_files: bool = True,
         missing_images: str = "error",
-        on_bad_image: str = "error",
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        loading: ImageLoading = DEFAULT_LOADING,
         has_negatives: bool = False,
         has_boxes: bool = False,
         boxes_normalized: bool = False,
@@ -173,8 +173,8 @@ class FormatImages(ImageFiles):
             raise ValueError(f"{origin}: no images listed")
         records, self.num_dropped_images = self._check_files(records, check_files, missing_images, origin)
         super().__init__(
-            [str(r.path) for r in records], [sorted(r.positives) for r in records], vocabulary.names,
-            on_bad_image, [r.source for r in records], max_pixels, f"{origin}",
+            [str(r.path) for r in records], [sorted(r.positives) for r in records], vocabulary.names, loading,
+            [r.source for r in records], f"{origin}",
         )  # fmt: skip
         self.label_ids = vocabulary.label_ids
         self.annotations = Path(origin)
@@ -183,17 +183,6 @@ class FormatImages(ImageFiles):
         self.boxes = [(r.boxes, r.box_labels) for r in records] if has_boxes else None
         self.boxes_normalized = boxes_normalized
         self.refs = [r.ref for r in records] if any(r.ref is not None for r in records) else None
-
-    @classmethod
-    def from_config(cls, cfg: DataConfig, annotations: Path, classes: Sequence[str] | None) -> FormatImages:
-        """The reader a ``data`` config builds for one split's ``annotations`` file (each format defines it)."""
-        raise NotImplementedError(f"{cls.__name__} cannot be built from a config")
-
-    @staticmethod
-    def file_options(cfg: DataConfig) -> dict:
-        """The keyword arguments every format takes from ``data.*``: file checks and bad images."""
-        return {"check_files": cfg.check_files, "missing_images": cfg.missing_images,
-                "on_bad_image": cfg.on_bad_image, "max_pixels": cfg.max_image_pixels}  # fmt: skip
 
     @staticmethod
     def _check_files(

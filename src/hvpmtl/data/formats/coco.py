@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from hvpmtl.data.formats.base import (
     ClassEntry,
     FormatImages,
@@ -40,6 +39,7 @@ from hvpmtl.data.formats.base import (
     split_folder,
     warn_dropped,
 )
+from hvpmtl.data.loading import DEFAULT_LOADING, ImageLoading
 from hvpmtl.data.manifest import read_text
 from hvpmtl.reprs import short_repr
 
@@ -104,7 +104,7 @@ class CocoImages(FormatImages):
             the annotation file's folder.
         classes: vocabulary (category names or ids); None = all categories in id order.
         masks: add per-box ``masks`` to each item (decoded with pycocotools).
-        check_files, missing_images, on_bad_image, max_pixels: as :class:`FormatImages`.
+        check_files, missing_images, loading: as :class:`FormatImages`.
     """
 
     def __init__(
@@ -116,8 +116,7 @@ class CocoImages(FormatImages):
         masks: bool = False,
         check_files: bool = True,
         missing_images: str = "error",
-        on_bad_image: str = "error",
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        loading: ImageLoading = DEFAULT_LOADING,
     ):
         path = Path(annotations)
         data = load_coco_json(path)
@@ -163,7 +162,7 @@ class CocoImages(FormatImages):
         warn_dropped(str(path), dropped)
         super().__init__(
             list(records.values()), vocab, path, check_files=check_files, missing_images=missing_images,
-            on_bad_image=on_bad_image, max_pixels=max_pixels, has_boxes=True,
+            loading=loading, has_boxes=True,
         )  # fmt: skip
         self.image_ids = [iid for iid, _ in self.refs]
         self.root = folder
@@ -180,16 +179,6 @@ class CocoImages(FormatImages):
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its indexing
             coco.createIndex()
         return coco
-
-    @classmethod
-    def from_config(cls, cfg: DataConfig, annotations: Path, classes: Sequence[str] | None) -> CocoImages:
-        """The reader ``data.dataset=coco`` builds (keys in :class:`hvpmtl.data.config.DataConfig`)."""
-        return cls(
-            annotations,
-            cfg.root,
-            classes,
-            **cls.file_options(cfg),
-        )
 
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 
 from hvpmtl.data.formats.base import FormatImages
-from hvpmtl.engine.checkpoint import atomic_write
+from hvpmtl.files import atomic_write
 
-__all__ = ["classes_path_for", "write_manifest"]
+__all__ = ["MANIFEST_SUFFIXES", "classes_path_for", "write_manifest"]
 
 
 def classes_path_for(manifest: str | Path) -> Path:
@@ -35,11 +35,14 @@ def _check_class_names(names: list[str], origin: object) -> None:
             raise ValueError(f"{origin}: class name {name!r} cannot be written to a classes file (one name a line)")
 
 
+MANIFEST_SUFFIXES = (".jsonl", ".ndjson", ".json")  # a manifest file's suffix
+
+
 def write_manifest(dataset: FormatImages, out: str | Path, classes_out: str | Path | None = None) -> tuple[Path, Path]:
     """Write ``dataset`` as ``out`` (JSONL) and its vocabulary as ``classes_out`` (default
     :func:`classes_path_for`); returns both paths."""
     out = Path(out)
-    if out.suffix.lower() not in (".jsonl", ".ndjson", ".json"):
+    if out.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ValueError(f"{out}: the manifest must be a .jsonl file")
     classes_out = Path(classes_out) if classes_out else classes_path_for(out)
     _check_class_names(dataset.classes, dataset.annotations)

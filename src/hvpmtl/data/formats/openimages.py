@@ -19,6 +19,11 @@ it is never a positive; it is listed in the item's ``negatives`` multi-hot (and 
 that ``hvpmtl data convert`` writes), which the pre-training losses do not read. Labels between
 0 and ``min_confidence`` are neither. An image listed with only negatives is an untagged image.
 
+Unannotated classes (neither a positive nor a verified negative of an image, confidences between 0
+and ``min_confidence`` included): with ``unannotated="unknown"`` (``data.unannotated``, the default)
+each item carries ``known``, bool ``C``: its positives and verified negatives, the only classes
+MLC's loss reads for it; with ``"negative"`` no mask, every class but the positives is absent.
+
 Vocabulary: the description file's classes in its order, or the given classes (MIDs such as
 ``/m/01g317`` or display names; ``oidv6-classes-trainable.txt`` works as a classes file), in
 their order; labels of other classes are ignored with one warning. Display names shared by two
@@ -33,7 +38,6 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from hvpmtl.data.formats.base import (
     ClassEntry,
     FormatImages,
@@ -43,6 +47,7 @@ from hvpmtl.data.formats.base import (
     text_lines,
     warn_dropped,
 )
+from hvpmtl.data.loading import DEFAULT_LOADING, ImageLoading
 from hvpmtl.data.manifest import read_text
 
 __all__ = ["DESCRIPTION_FILES", "OpenImagesLabels", "read_class_descriptions"]
@@ -123,7 +128,8 @@ class OpenImagesLabels(FormatImages):
         descriptions: class-description CSV; None = found beside ``labels_csv``.
         min_confidence: a label is a positive tag at this confidence or above.
         boxes_csv: optional ``<split>-annotations-bbox.csv`` for ``boxes`` / ``box_labels``.
-        check_files, missing_images, on_bad_image, max_pixels: as :class:`FormatImages`.
+        check_files, missing_images, loading: as :class:`FormatImages`.
+        unannotated: ``unknown`` (items carry ``known``) or ``negative`` (module docstring).
     """
 
     def __init__(
@@ -137,9 +143,11 @@ class OpenImagesLabels(FormatImages):
         boxes_csv: str | Path | None = None,
         check_files: bool = True,
         missing_images: str = "error",
-        on_bad_image: str = "error",
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        loading: ImageLoading = DEFAULT_LOADING,
+        unannotated: str = "unknown",
     ):
+        if unannotated not in ("unknown", "negative"):
+            raise ValueError(f"unannotated={unannotated!r} must be 'unknown' or 'negative'")
         path = Path(labels_csv)
         if not path.is_file():
             raise FileNotFoundError(f"Open Images annotations not found: {path}")
@@ -175,22 +183,17 @@ class OpenImagesLabels(FormatImages):
             self._read_boxes(Path(boxes_csv), records, vocab.index, known)
         super().__init__(
             list(records.values()), vocab, path, check_files=check_files, missing_images=missing_images,
-            on_bad_image=on_bad_image, max_pixels=max_pixels, has_negatives=True, has_boxes=bool(boxes_csv),
+            loading=loading, has_negatives=True, has_boxes=bool(boxes_csv),
             boxes_normalized=True,
         )  # fmt: skip
         self.root, self.descriptions, self.min_confidence = folder, descriptions, min_confidence
+        self.unannotated = unannotated
 
-    @classmethod
-    def from_config(cls, cfg: DataConfig, annotations: Path, classes: Sequence[str] | None) -> OpenImagesLabels:
-        """The reader ``data.dataset=openimages`` builds (keys in :class:`hvpmtl.data.config.DataConfig`)."""
-        return cls(
-            annotations,
-            cfg.root,
-            classes,
-            descriptions=cfg.dictionary or None,
-            min_confidence=cfg.min_confidence,
-            **cls.file_options(cfg),
-        )
+    def __getitem__(self, index: int) -> dict:
+        sample = super().__getitem__(index)
+        if self.unannotated == "unknown":
+            sample["known"] = (sample["labels"] > 0) | (sample["negatives"] > 0)
+        return sample
 
     @staticmethod
     def _read_boxes(path: Path, records: dict[str, ImageRecord], index: dict[str, int], known: dict) -> None:

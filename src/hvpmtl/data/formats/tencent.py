@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from hvpmtl.data.formats.base import ClassEntry, FormatImages, ImageRecord, select_classes, text_lines, warn_dropped
+from hvpmtl.data.loading import DEFAULT_LOADING, ImageLoading
 
 __all__ = ["DICTIONARY_FILE", "TencentImages", "read_tencent_dictionary"]
 
@@ -77,7 +77,7 @@ class TencentImages(FormatImages):
         classes: vocabulary (WordNet ids or names); None = the whole dictionary.
         dictionary: ``dictionary_and_semantic_hierarchy.txt``; None = beside ``image_list``.
         min_confidence: a label is a positive tag at this confidence or above.
-        check_files, missing_images, on_bad_image, max_pixels: as :class:`FormatImages`.
+        check_files, missing_images, loading: as :class:`FormatImages`.
     """
 
     def __init__(
@@ -90,8 +90,7 @@ class TencentImages(FormatImages):
         min_confidence: float = 0.5,
         check_files: bool = True,
         missing_images: str = "error",
-        on_bad_image: str = "error",
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        loading: ImageLoading = DEFAULT_LOADING,
     ):
         path = Path(image_list)
         if not path.is_file():
@@ -126,21 +125,9 @@ class TencentImages(FormatImages):
         warn_dropped(str(path), dropped)
         super().__init__(
             records, vocab, path, check_files=check_files, missing_images=missing_images,
-            on_bad_image=on_bad_image, max_pixels=max_pixels,
+            loading=loading,
         )  # fmt: skip
         self.root, self.dictionary, self.min_confidence = base, dictionary, min_confidence
-
-    @classmethod
-    def from_config(cls, cfg: DataConfig, annotations: Path, classes: Sequence[str] | None) -> TencentImages:
-        """The reader ``data.dataset=tencent`` builds (keys in :class:`hvpmtl.data.config.DataConfig`)."""
-        return cls(
-            annotations,
-            cfg.root,
-            classes,
-            dictionary=cfg.dictionary or None,
-            min_confidence=cfg.min_confidence,
-            **cls.file_options(cfg),
-        )
 
     @staticmethod
     def _split(line: str) -> tuple[str, list[str]]:

@@ -25,7 +25,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from hvpmtl.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataConfig
 from hvpmtl.data.formats.base import (
     ClassEntry,
     FormatImages,
@@ -34,6 +33,7 @@ from hvpmtl.data.formats.base import (
     select_classes,
     warn_dropped,
 )
+from hvpmtl.data.loading import DEFAULT_LOADING, ImageLoading
 from hvpmtl.data.manifest import read_text
 from hvpmtl.reprs import short_repr
 
@@ -120,7 +120,7 @@ class VocImages(FormatImages):
         root: the VOC folder (``Annotations/``, ``JPEGImages/``); empty = from ``image_set``.
         classes: vocabulary (names); None = sorted names in the split.
         difficult: ``exclude`` | ``include`` objects marked difficult.
-        check_files, missing_images, on_bad_image, max_pixels: as :class:`FormatImages`.
+        check_files, missing_images, loading: as :class:`FormatImages`.
     """
 
     def __init__(
@@ -132,8 +132,7 @@ class VocImages(FormatImages):
         difficult: str = "exclude",
         check_files: bool = True,
         missing_images: str = "error",
-        on_bad_image: str = "error",
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        loading: ImageLoading = DEFAULT_LOADING,
     ):
         if difficult not in DIFFICULT_POLICIES:
             raise ValueError(f"difficult='{difficult}' must be 'exclude' or 'include'")
@@ -170,17 +169,6 @@ class VocImages(FormatImages):
         warn_dropped(str(image_set), dropped)
         super().__init__(
             records, vocab, image_set, check_files=check_files, missing_images=missing_images,
-            on_bad_image=on_bad_image, max_pixels=max_pixels, has_boxes=True,
+            loading=loading, has_boxes=True,
         )  # fmt: skip
         self.root, self.difficult = root, difficult
-
-    @classmethod
-    def from_config(cls, cfg: DataConfig, annotations: Path, classes: Sequence[str] | None) -> VocImages:
-        """The reader ``data.dataset=voc`` builds (keys in :class:`hvpmtl.data.config.DataConfig`)."""
-        return cls(
-            annotations,
-            cfg.root,
-            classes,
-            difficult=cfg.voc_difficult,
-            **cls.file_options(cfg),
-        )
