@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "MaskGenerator",
     "build",
+    "embed",
     "load_backbone",
     "load_config",
     "mask_generator",
@@ -65,6 +66,20 @@ def load_backbone(run, part: str = "student"):
     from hvpmtl.runs import Run
 
     return Run(run).timm_model(part)
+
+
+def embed(run, data, **kwargs):
+    """One feature vector per image of ``data`` (an image folder, a ``.csv``/``.jsonl`` manifest,
+    or a data config of any source) under ``run``'s backbone, with the run's preprocessing; see
+    :func:`hvpmtl.eval.embed.embed` for the options (``part``, ``feature``, ``batch_size``, ...)::
+
+        emb = hvpmtl.embed("runs/cpu-tiny", "photos/")
+        emb.features      # N x D float32, in the order of emb.paths
+        emb.save("photos.safetensors")
+    """
+    from hvpmtl.eval.embed import embed as embed_images
+
+    return embed_images(run, data, **kwargs)
 
 
 def mask_generator(cfg: Config) -> MaskGenerator:

@@ -145,3 +145,20 @@ def test_runs_saved_with_the_old_sum_reduction_still_load():
     cfg = from_dict(Config, {"tasks": {"mlc": {"reduction": "sum"}}})
     cfg.tasks.mlc.validate("tasks.mlc")
     assert cfg.tasks.mlc.reduction == "global_sum"
+
+
+def test_prior_starts_every_tag_at_that_probability():
+    torch.manual_seed(0)
+    cfg = MLCConfig(dim=32, num_heads=4, ffn_dim=64, num_layers=1, dropout=0.0, prior=0.01)
+    dec = Query2LabelDecoder(16, 130, cfg).eval()
+    assert torch.allclose(dec.cls_bias, torch.full((130,), math.log(0.01 / 0.99)))
+    probs = dec(torch.randn(4, 16, 4, 4))[0].sigmoid()
+    assert probs.mean() < 0.05  # Query2Label's uniform init starts every tag near 0.5
+    default = Query2LabelDecoder(16, 130, MLCConfig(dim=32, num_heads=4, ffn_dim=64, num_layers=1)).eval()
+    assert default(torch.randn(4, 16, 4, 4))[0].sigmoid().mean() > 0.2
+
+
+@pytest.mark.parametrize("prior", [0.0, 1.0, -0.5])
+def test_prior_outside_the_open_unit_interval_is_refused(prior):
+    with pytest.raises(ValueError, match=r"\.prior="):
+        MLCConfig(prior=prior).validate("tasks.mlc")

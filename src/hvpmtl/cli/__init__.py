@@ -32,7 +32,7 @@ def package_version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hvpmtl.cli import ablate, data, downstream, export, noise_report, visualize
+    from hvpmtl.cli import ablate, data, downstream, embed, export, noise_report, visualize
 
     parser = argparse.ArgumentParser(
         prog="hvpmtl",
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     visualize.add_parsers(sub)
     noise_report.add_parsers(sub)
     export.add_parsers(sub)
+    embed.add_parsers(sub)
     return parser
 
 

@@ -122,7 +122,7 @@ class DataConfig:
     augment_on: str = "cpu"  # cpu | device: workers only crop (uint8); flip, jitter, rotation, RandAugment batched
     # pre-training: decode a JPEG at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) when every crop the views
     # can draw still keeps backbone.img_size pixels a side: 1.2-3.5x faster samples from 1-12 MP photos, the
-    # views of a data set resized offline to that size (docs/benchmarks.md); off: images decode as stored
+    # views of a data set resized offline to that size (docs/performance.md); off: images decode as stored
     reduced_decode: bool = False
     # > 1: each loader worker reads a batch's image files on this many threads before decoding them in
     # order (the same batch), so that file latency on network storage overlaps; 0: one file after another

@@ -136,7 +136,7 @@ def read_image(
     ``min_side`` > 0: a JPEG at least twice as large on both sides is decoded at 1/2, 1/4 or
     1/8 scale (libjpeg's DCT scaling, PIL's ``draft``), the smallest scale that keeps both sides
     at least ``min_side``: 1.4 to 3 times faster decodes of 1 to 12 megapixel photos
-    (docs/benchmarks.md). The pixel limit applies to the full size. Other formats decode at
+    (docs/performance.md). The pixel limit applies to the full size. Other formats decode at
     full size.
     """
     path = Path(path)

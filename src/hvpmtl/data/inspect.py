@@ -322,7 +322,7 @@ def markdown(
         if sizes.get("short_side_twice_decode_side"):
             lines += [f"{sizes['short_side_twice_decode_side']:,} images have a short side of at least twice "
                       f"{sizes['reduced_decode_side']} px: as JPEGs, `data.reduced_decode=true` decodes them at "
-                      "1/2 to 1/8 of their size, 1.2-3.5x faster (docs/benchmarks.md).", ""]  # fmt: skip
+                      "1/2 to 1/8 of their size, 1.2-3.5x faster (docs/performance.md).", ""]  # fmt: skip
         lines += ["Most common sizes:", ""]
         lines += _table(["width x height", "images"], [[m["size"], m["images"]] for m in sizes["most_common"]])
     else:

@@ -75,7 +75,7 @@ class ProbeConfig:
     # mean | pooled | both | grid (both + the map averaged over 2 x 2 cells) | pixels (raw pixels:
     # logistic regression). "both" (feature-map mean and class token side by side) measured best
     # of the first three on both built-in sets, for every backbone (docs/results.md); "grid" scores
-    # higher but lifts random init most (docs/benchmarks.md, "Ten CPU minutes")
+    # higher but lifts random init most (docs/journal/benchmarks.md, "Ten CPU minutes")
     feature: str = "both"
     optimizer: str = "lbfgs"  # lbfgs | adamw (full batch)
     epochs: int = 100  # L-BFGS iterations or AdamW steps

@@ -52,6 +52,9 @@ class MLCConfig:
     # ASL's reference detaches the focusing weights (1-p)^g+ and p_m^g- (disable_torch_grad_focal_loss,
     # kept by Query2Label's commands); off = Eq. (1) differentiated as written (1.4-3.1x the gradient)
     detach_focusing: bool = False
+    # Starting probability of every tag: the read-out bias starts at log(p / (1 - p)), the prior
+    # initialisation of focal-loss heads for rare positives; None = Query2Label's uniform bias init
+    prior: float | None = None
 
     def validate(self, prefix: str = "") -> None:
         if self.focusing not in FOCUSING:
@@ -62,6 +65,8 @@ class MLCConfig:
             raise ValueError(f"{prefix}.reduction: expected one of {REDUCTIONS}, got '{self.reduction}'")
         if not self.sum_images > 0:
             raise ValueError(f"{prefix}.sum_images={self.sum_images} must be > 0")
+        if self.prior is not None and not 0.0 < self.prior < 1.0:
+            raise ValueError(f"{prefix}.prior={self.prior} must be in (0, 1), or null for Query2Label's init")
         if self.dim % self.num_heads or self.dim % 4:
             raise ValueError(f"{prefix}.dim={self.dim} must be divisible by num_heads and by 4")
 
@@ -145,6 +150,8 @@ class Query2LabelDecoder(nn.Module):
         bound = 1.0 / math.sqrt(cfg.dim)
         self.cls_weight = nn.Parameter(torch.empty(num_classes, cfg.dim).uniform_(-bound, bound))
         self.cls_bias = nn.Parameter(torch.empty(num_classes).uniform_(-bound, bound))
+        if cfg.prior is not None:  # every tag starts at probability ``prior``
+            self.cls_bias.data.fill_(math.log(cfg.prior / (1.0 - cfg.prior)))
         self.dim = cfg.dim
 
     def _inputs(self, fmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
