@@ -27,6 +27,7 @@ def run(capsys, *args):
     return rc, out.out, out.err
 
 
+@pytest.mark.slow
 def test_help_lists_every_command():
     r = subprocess.run([sys.executable, "-m", "hvpmtl", "--help"], capture_output=True, text=True, env=env_with_src())
     assert r.returncode == 0
@@ -62,6 +63,7 @@ def test_bad_config_fails_with_the_key(capsys, override, message):
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_bad_config_in_a_subprocess_exits_nonzero():
     r = subprocess.run([sys.executable, "-m", "hvpmtl", "pretrain", "tasks.mim.wieght=0"], capture_output=True,
                        text=True, env=env_with_src())  # fmt: skip

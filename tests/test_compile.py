@@ -40,6 +40,7 @@ def _steps(model: hvpmtl.HVPMTL, cfg: hvpmtl.Config, n: int) -> list[dict[str, f
     return logged
 
 
+@pytest.mark.slow
 def test_compiled_forward_recompiles_only_when_a_phase_changes():
     cfg = tiny_config(*PHASES)
     torch.manual_seed(0)

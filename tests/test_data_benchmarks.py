@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -24,6 +25,7 @@ def test_fidelity_is_zero_for_the_same_image_and_falls_with_blur():
     assert 0 < mad < 40 and 10 < psnr < 60
 
 
+@pytest.mark.slow
 def test_benchmark_writes_its_table(tmp_path):
     out = tmp_path / "decode.csv"
     cmd = [sys.executable, str(BENCH / "decode.py"), "--sizes", "800x700", "--images", "1", "--repeat", "1",
@@ -35,6 +37,7 @@ def test_benchmark_writes_its_table(tmp_path):
     assert float(row["psnr_db"]) > 20 and "| 800x700 | 400x350 |" in done.stdout
 
 
+@pytest.mark.slow
 def test_io_latency_benchmark_shows_overlapped_reads(tmp_path):
     out = tmp_path / "io.csv"
     cmd = [sys.executable, str(BENCH / "io_latency.py"), "--latency-ms", "50", "--io-threads", "0", "8", "--batch", "8",

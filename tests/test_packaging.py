@@ -71,6 +71,15 @@ def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
     assert venv_at < activate_at < ci_lines.index(command)
 
 
+def test_readme_names_the_fast_subset_and_the_slow_marker_exists():
+    """The quick check of the tests (no end-to-end runs) is a command the README gives, and the
+    marker it deselects is declared (pytest would otherwise only warn about an unknown mark)."""
+    readme = (ROOT / "README.md").read_text()
+    assert 'python -m pytest -q -m "not slow"' in readme
+    markers = project()["tool"]["pytest"]["ini_options"]["markers"]
+    assert any(m.startswith("slow:") for m in markers)
+
+
 def test_tracker_extras_are_declared_and_not_required():
     extras = project()["project"]["optional-dependencies"]
     assert [Requirement(r).name for r in extras["wandb"]] == ["wandb"]

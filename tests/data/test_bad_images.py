@@ -215,6 +215,7 @@ def test_cli_bad_image_is_one_line_exit_2(bad_files: Path, tmp_path: Path, capsy
     assert err.startswith("error: ") and "m.csv:3: cannot read image" in err and "trunc.png" in err
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_its_first_step_leaves_nothing_half_made(bad_files: Path, tmp_path: Path, capsys):
     """A data error in the first batch: the outputs the run had begun are removed, so the same
     command (once the data is mended) starts afresh instead of being refused as a previous run."""

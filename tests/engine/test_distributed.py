@@ -45,6 +45,7 @@ def _bn_worker(rank: int, port: int, x: torch.Tensor, result: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_global_batchnorm_matches_batchnorm_on_union():
     torch.manual_seed(1)
     x = torch.randn(6, 5) * 3 + 1
@@ -93,6 +94,7 @@ def _ddp_buffer_worker(rank: int, port: int, legacy: bool, result: dict) -> None
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("legacy", [False, True], ids=["forward_sync_buffers", "broadcast_buffers"])
 def test_ddp_syncs_buffers_at_wrap_only(legacy):
     """Buffers come from rank 0 when DDP wraps the model and are never broadcast in forward, with

@@ -160,6 +160,7 @@ def test_bad_logger_lists_are_config_errors(value, message):
         load_config("cpu-tiny", [f"train.loggers={value}"])
 
 
+@pytest.mark.slow
 def test_trackers_are_not_imported_unless_chosen(tmp_path):
     code = f"""
 import sys

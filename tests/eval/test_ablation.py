@@ -85,6 +85,7 @@ def test_lead_table_pairs_seeds_finds_the_closest_mix_and_checks_the_bar(tmp_pat
     assert Ablation(tmp_path, "cpu-tiny", [], ["mlc"], [0], [ev]).lead_table() == ""
 
 
+@pytest.mark.slow
 def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsys):
     out = tmp_path / "abl"
     args = ["ablate", "-c", "cpu-tiny", "--smoke", "--out", str(out), "--mixes", "full,mim", "--seeds", "0,1",
@@ -120,6 +121,7 @@ def test_ablate_runs_every_cell_then_resumes_without_redoing_any(tmp_path, capsy
     assert not (out / "no-md-s0" / "ablate" / "probe-synthetic-random-init").exists()
 
 
+@pytest.mark.slow
 def test_ablate_runs_each_step_through_a_launcher(tmp_path, capsys):
     out = tmp_path / "abl"
     args = ["ablate", "-c", "cpu-tiny", "--smoke", "--out", str(out), "--mixes", "mim", "--seeds", "3", "--no-items",

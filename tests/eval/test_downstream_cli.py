@@ -72,6 +72,7 @@ def test_monitor_columns_follow_the_run(tmp_path):
     assert not any(k.startswith("knn") for k in read_metrics(short / "metrics.csv")[-1])
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_knn_and_linprobe_beat_chance_on_fashion_mnist(tiny_run, capsys):
     data = ["-c", "fmnist", "data.train_size=1000", "data.val_size=300", "run.progress=false"]

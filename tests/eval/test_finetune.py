@@ -62,6 +62,7 @@ FAST = ["data.batch_size=32", "data.num_workers=0", "train.epochs=3", "train.pro
         "finetune.crop_scale=[0.5, 1.0]"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_multi_label_finetune_beats_a_random_scorer(tiny_run, tmp_path):
     cfg = load_config(None, [*FAST, "data.train_size=256", "data.val_size=128", "finetune.mixup=0", "finetune.cutmix=0",
                              "finetune.auto_augment=''", "finetune.ema=true", "finetune.ema_decay=0.9"],
@@ -78,6 +79,7 @@ def test_multi_label_finetune_beats_a_random_scorer(tiny_run, tmp_path):
     assert again["steps"] == out["steps"] and again["metrics"] == pytest.approx(out["metrics"])
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_single_label_finetune_with_mixup_beats_chance(tiny_run, tmp_path):
     cfg = load_config(None, [*FAST, "data.dataset=fmnist", "data.train_size=1024", "data.val_size=256",
