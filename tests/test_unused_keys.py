@@ -103,7 +103,6 @@ def test_downstream_commands_inherit_only_the_keys_of_the_runs_own_source(tmp_pa
 
 
 LOOP_KEYS = [
-    ("train.compile=true", "train.compile=true has no effect in finetune (downstream models are not compiled)"),
     ("train.grad_share_every=10", "train.grad_share_every=10 has no effect in finetune"),
     ("train.pictures_every=10", "train.pictures_every=10 has no effect in finetune"),
     ("dist.strategy=fsdp", "dist.strategy=fsdp has no effect in finetune"),
@@ -128,7 +127,7 @@ def test_finetune_refuses_the_loop_keys_it_does_not_read(capsys, tmp_path, overr
 
 
 @pytest.mark.parametrize("command, override", [
-    ("detect", "train.compile=true"), ("detect", "dist.strategy=fsdp"),
+    ("detect", "dist.strategy=fsdp"),
     ("segment", "train.pictures_every=10"), ("segment", "train.grad_share_every=10"),
 ])  # fmt: skip
 def test_detect_and_segment_refuse_them_too(capsys, tmp_path, command, override):
@@ -136,6 +135,18 @@ def test_detect_and_segment_refuse_them_too(capsys, tmp_path, command, override)
     extra = ["detect.fpn_channels=16"] if command == "detect" else ["segment.decoder_channels=16"]
     status, err = run_cli(capsys, command, *QUICK_DOWNSTREAM, *extra, override, f"train.output_dir={out}")
     assert_one_line_error(status, err, f"{override.split('=')[0]}=", f"has no effect in {command}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, override, expected", [
+    ("detect", "train.compile=true", "detect does not compile torchvision's Mask R-CNN"),
+    ("finetune", "train.compile=backbone", "finetune compiles its whole model"),
+    ("segment", "train.compile=backbone", "use train.compile=true or model"),
+])  # fmt: skip
+def test_downstream_compile_scopes_that_cannot_apply_are_refused(capsys, tmp_path, command, override, expected):
+    out = tmp_path / command
+    status, err = run_cli(capsys, command, *QUICK_DOWNSTREAM, override, f"train.output_dir={out}")
+    assert_one_line_error(status, err, override.split("=")[0], expected)
     assert not out.exists()
 
 

@@ -158,7 +158,6 @@ def _finetune_train() -> TrainConfig:
 # Keys of the shared blocks that the training loop cannot apply to a downstream task (hvpmtl.eval.downstream),
 # and why: a value other than the command's default stops finetune, detect and segment instead of being ignored
 LOOP_IGNORES = {
-    "train.compile": "downstream models are not compiled",
     "train.grad_share_every": "gradient shares are pre-training's (one share per pre-training task)",
     "train.pictures_every": "training pictures are pre-training's",
     "train.pictures_count": "training pictures are pre-training's",
@@ -196,6 +195,14 @@ def check_loop_keys(cfg, command: str, prefix: str = "") -> None:
         for dotted, value in _differences(got, getattr(getattr(default, block), name), key):
             where = f"{prefix}.{dotted}" if prefix else dotted
             raise ValueError(f"{where}={_text(value)} has no effect in {command} ({why}); remove it")
+    compile_ = cfg.train.compile
+    key = f"{prefix}.train.compile" if prefix else "train.compile"
+    if compile_ and command == "detect":
+        raise ValueError(f"{key}={_text(compile_)}: detect does not compile torchvision's Mask R-CNN (it takes lists "
+                         "of images of any size, for which dynamo would recompile again and again); remove it")
+    if compile_ == "backbone":
+        raise ValueError(f"{key}=backbone: {command} compiles its whole model (backbone and head); "
+                         "use train.compile=true or model")
 
 
 @dataclass

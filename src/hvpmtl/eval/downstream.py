@@ -139,6 +139,11 @@ class DownstreamTask(TrainingTask):
     def loss(self, model, batch, step: int) -> dict:
         return self.loss_fn(model, batch)
 
+    def compile(self, mode) -> None:
+        """``train.compile=true|model``: the whole model (backbone and head) is compiled; its EMA
+        copy, made before, stays eager (:func:`hvpmtl.eval.config.check_loop_keys` refuses the rest)."""
+        self.model.compile()
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         return self.groups
 
