@@ -84,6 +84,21 @@ def run_folder(path: str | Path) -> Path:
     return path.parent.parent if path.parent.name == CKPT_DIR else path.parent
 
 
+def read_results(folder: str | Path) -> list[dict]:
+    """The downstream results in ``folder/eval/*.json`` (command, weights, data, metrics), by file
+    name; a file that is not one raises :class:`WeightsError` naming it. Also for a folder that
+    holds only metrics and results (``hvpmtl visualize curves``)."""
+    found = []
+    for path in sorted((Path(folder) / "eval").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+            found.append({"command": record["command"], "weights": record["weights"], "data": record["data"],
+                          "metrics": dict(record["metrics"])})  # fmt: skip
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise WeightsError(f"{path}: not a downstream result ({type(err).__name__}: {err})") from None
+    return found
+
+
 def check_part(part: str) -> str:
     if part not in PARTS:
         raise WeightsError(f"part={part!r}: choose student or teacher")
@@ -171,17 +186,8 @@ class Run:
         return _names(path.read_text(encoding="utf-8"), path, "") if path.is_file() else None
 
     def results(self) -> list[dict]:
-        """The downstream results of the run (``eval/*.json``), oldest name first; a file that is
-        not one raises :class:`WeightsError` naming it."""
-        found = []
-        for path in sorted((self.folder / "eval").glob("*.json")):
-            try:
-                record = json.loads(path.read_text())
-                found.append({"command": record["command"], "weights": record["weights"], "data": record["data"],
-                              "metrics": dict(record["metrics"])})  # fmt: skip
-            except (ValueError, KeyError, TypeError) as err:
-                raise WeightsError(f"{path}: not a downstream result ({type(err).__name__}: {err})") from None
-        return found
+        """The downstream results of the run (:func:`read_results`)."""
+        return read_results(self.folder)
 
     def weights(self, part: str = "student") -> Weights:
         """``part``'s backbone weights, its config and the run's (see :class:`Weights`)."""

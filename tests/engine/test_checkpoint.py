@@ -17,6 +17,7 @@ from hvpmtl.config import to_dict
 from hvpmtl.engine import checkpoint as ck
 from hvpmtl.engine.distributed import DistEnv
 from hvpmtl.engine.optim import build_optimizer
+from hvpmtl.runs import Run
 
 from .conftest import TINY
 
@@ -107,7 +108,7 @@ def test_exported_backbone_is_timm_loadable(tmp_path):
     paths = ck.export_weights(tmp_path, model, to_dict(cfg), DistEnv())
     net = timm.create_model(cfg.backbone.name, img_size=64, patch_size=8, num_classes=0, **cfg.backbone.kwargs)
     net.load_state_dict(load_file(paths["backbone"]))  # strict: exactly timm's keys
-    backbone = ck.load_backbone(paths["backbone"])  # config read from the file's metadata
+    backbone = Run(paths["backbone"]).backbone()  # config read from the file's metadata
     x = torch.randn(2, 3, 64, 64)
     model.eval(), backbone.eval()
     torch.testing.assert_close(backbone(x)[1], model.backbone(x)[1])

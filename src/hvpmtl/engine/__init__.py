@@ -3,7 +3,7 @@
 ``fit(make_task, cfg, env)`` runs (or resumes) any :class:`TrainingTask` alone or under
 torchrun (pre-training's task and :func:`hvpmtl.pretraining.pretrain` live above the engine); the
 pieces are usable on their own: ``GlobalBatchSampler``, ``warmup_cosine``, ``build_optimizer``,
-``wrap_model``, ``save_checkpoint``/``load_checkpoint``/``restore``, ``load_backbone``.
+``wrap_model``, ``save_checkpoint``/``load_checkpoint``/``restore``.
 
 Names are imported lazily: ``hvpmtl.config`` imports ``hvpmtl.engine.config``, which runs this
 file first; importing the loop here would pull the whole engine (data, backbones) into every
@@ -27,7 +27,6 @@ _EXPORTS = {
     "warmup_cosine": "schedules",
     "build_optimizer": "optim",
     "find_latest": "checkpoint",
-    "load_backbone": "checkpoint",
     "load_checkpoint": "checkpoint",
     "restore": "checkpoint",
     "save_checkpoint": "checkpoint",

@@ -34,9 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from hvpmtl.backbones import BackboneConfig, build_backbone
 from hvpmtl.backbones.timm_config import write_timm_folders
-from hvpmtl.config_io import from_dict
 from hvpmtl.engine.distributed import DistEnv, all_gather_object, unwrap
 from hvpmtl.files import DiskFullError
 from hvpmtl.files import atomic_write as _atomic_write
@@ -279,8 +277,8 @@ def export_weights(
     run_dir: str | Path, model: nn.Module, config: dict, env: DistEnv, class_names: list[str] | None = None
 ) -> dict[str, Path]:
     """Write ``model.safetensors`` (student + teacher; the ``class_names`` of its logits in the
-    metadata), ``backbone.safetensors`` (the student's timm backbone with timm's own keys; load with
-    :func:`load_backbone`) and, when the run has an EMA teacher, ``teacher_backbone.safetensors``
+    metadata), ``backbone.safetensors`` (the student's timm backbone with timm's own keys; read with
+    :class:`hvpmtl.runs.Run`) and, when the run has an EMA teacher, ``teacher_backbone.safetensors``
     (the teacher's, same format), each also as a timm ``local-dir:`` folder with its preprocessing
     (``timm/``, ``timm_teacher/``; :mod:`hvpmtl.backbones.timm_config`). Collective."""
     from safetensors.torch import save as st_save
@@ -308,17 +306,3 @@ def export_weights(
         atomic_write(paths[name], lambda f, b=backbone, m=bmeta: f.write(st_save(b, metadata=m)))
     paths.update(write_timm_folders(run_dir, paths, config))  # timm/, timm_teacher/: local-dir folders
     return paths
-
-
-def load_backbone(path: str | Path, backbone_cfg: Any = None) -> nn.Module:
-    """A :class:`~hvpmtl.backbones.MaskedBackbone` with the weights of ``backbone.safetensors``;
-    the backbone config defaults to the one stored in the file."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    if backbone_cfg is None:
-        with safe_open(str(path), "pt") as f:
-            backbone_cfg = from_dict(BackboneConfig, json.loads(f.metadata()["backbone_config"]), "backbone")
-    backbone = build_backbone(backbone_cfg)
-    backbone.model.load_state_dict(load_file(str(path)))
-    return backbone

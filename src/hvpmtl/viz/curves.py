@@ -9,7 +9,6 @@ gradients (``grad_cos_*``), the k-NN monitor (``knn_*``); then one line per down
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -43,15 +42,10 @@ def panels(rows: list[dict]) -> list[tuple[str, list[str], bool]]:
 def downstream_results(run_dir: str | Path) -> list[str]:
     """One line per ``<run>/eval/*.json``: ``command | data | weights: metrics``."""
     from hvpmtl.eval.report import format_metrics
+    from hvpmtl.runs import read_results
 
-    lines = []
-    for path in sorted(Path(run_dir, "eval").glob("*.json")):
-        try:
-            r = json.loads(path.read_text())
-            lines.append(f"{r['command']} | {r['data']} | {r['weights']}: {format_metrics(r['metrics'])}")
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"{path}: not a downstream result ({type(err).__name__}: {err})") from None
-    return lines
+    return [f"{r['command']} | {r['data']} | {r['weights']}: {format_metrics(r['metrics'])}"
+            for r in read_results(run_dir)]  # fmt: skip
 
 
 def figure_size(num_panels: int, num_results: int) -> tuple[int, int]:
