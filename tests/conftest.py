@@ -11,23 +11,26 @@ import pytest
 import torch
 
 import hvpmtl
+from tiny import TINY_MODEL
 
-TINY_VIT = [
-    "backbone.name=vit_tiny_patch16_224",
-    "backbone.img_size=32",
-    "backbone.patch_size=8",
-    "backbone.kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
-    "tasks.mlc.dim=32",
-    "tasks.mlc.num_heads=2",
-    "tasks.mlc.ffn_dim=64",
-    "tasks.mlc.num_layers=1",
-    "tasks.swav.hidden_dim=64",
-    "tasks.swav.out_dim=16",
-    "tasks.swav.num_prototypes=8",
-    "tasks.swav.freeze_prototypes_iters=0",
-    "tasks.mim.mask_patch_size=16",
-    "data.num_classes=5",
-]
+TINY_VIT = [*TINY_MODEL, "data.num_classes=5"]
+
+
+class Points(torch.utils.data.Dataset):
+    """Two Gaussian blobs of 4-d points, for loop tests on a toy task; keys ``index`` or
+    ``(index, epoch)`` as the sampler yields them."""
+
+    def __init__(self, n: int = 64):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(n) % 2
+        self.x = torch.randn(n, 4, generator=g) + 2.0 * self.y[:, None]
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return self.x[i], self.y[i]
 
 
 def tiny_config(*overrides: str) -> hvpmtl.Config:

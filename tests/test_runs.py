@@ -11,20 +11,13 @@ from timm.data import resolve_model_data_config
 
 import hvpmtl
 from hvpmtl.runs import Run, WeightsError, model_part
+from tiny import TINY_MODEL
 
 # ViT 48 px, patch 8, depth 1: a finished 2-step run in a few seconds; preprocessing not timm's defaults
 SMALL_RUN = [
+    *TINY_MODEL,
     "backbone.img_size=48",
-    "backbone.patch_size=8",
     "backbone.kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
-    "tasks.mlc.dim=32",
-    "tasks.mlc.num_heads=2",
-    "tasks.mlc.ffn_dim=64",
-    "tasks.swav.hidden_dim=64",
-    "tasks.swav.out_dim=16",
-    "tasks.swav.num_prototypes=8",
-    "tasks.swav.freeze_prototypes_iters=0",
-    "tasks.mim.mask_patch_size=16",
     "data.batch_size=8",
     "data.train_size=16",
     "data.val_size=8",

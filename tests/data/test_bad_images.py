@@ -19,15 +19,11 @@ from hvpmtl.config import ConfigError
 from hvpmtl.data import BadImageError, DataConfig, ImageFiles, ImageLoading, ManifestImages, build_dataset, read_image
 from hvpmtl.data.skipped import SKIPPED_LIST, SKIPPED_PARTS, record_skipped_image, skipped_images_summary
 from hvpmtl.engine import run_dir as run_io
+from tiny import TINY_MODEL
 
 TINY_RUN = [
+    *TINY_MODEL,
     "backbone.kwargs={depth: 1, embed_dim: 32, num_heads: 2}",
-    "tasks.mlc.dim=32",
-    "tasks.mlc.num_heads=2",
-    "tasks.mlc.ffn_dim=64",
-    "tasks.swav.hidden_dim=32",
-    "tasks.swav.out_dim=16",
-    "tasks.swav.num_prototypes=8",
     "data.dataset=manifest",
     "data.batch_size=2",
     "data.num_workers=1",

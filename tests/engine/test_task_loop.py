@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from conftest import held_by_another_run
+from conftest import Points, held_by_another_run
 from hvpmtl.config import Config, load_config
 from hvpmtl.engine import run_dir as rd
 from hvpmtl.engine.checkpoint import list_checkpoints, load_checkpoint
@@ -21,22 +21,6 @@ from hvpmtl.engine.distributed import DistEnv
 from hvpmtl.engine.loop import NonFiniteLossError, fit
 from hvpmtl.engine.sampler import GlobalBatchSampler
 from hvpmtl.engine.task import BatchFeed, TrainingTask, to_device
-
-
-class Points(Dataset):
-    """Two Gaussian blobs; keys ``index`` or ``(index, epoch)`` as the sampler yields them."""
-
-    def __init__(self, n: int = 64):
-        g = torch.Generator().manual_seed(0)
-        self.y = torch.arange(n) % 2
-        self.x = torch.randn(n, 4, generator=g) + 2.0 * self.y[:, None]
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, key):
-        i = key[0] if isinstance(key, tuple) else key
-        return self.x[i], self.y[i]
 
 
 class Toy(TrainingTask):

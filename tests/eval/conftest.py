@@ -7,23 +7,14 @@ from pathlib import Path
 import pytest
 
 import hvpmtl
+from tiny import TINY_MODEL
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fmnist = pytest.mark.skipif(not FMNIST.is_file(), reason="Debian package dataset-fashion-mnist not installed")
 
 # ViT 32 px, patch 8, depth 2, width 32: every downstream command runs on it in seconds
 TINY_RUN = [
-    "backbone.img_size=32",
-    "backbone.patch_size=8",
-    "backbone.kwargs={depth: 2, embed_dim: 32, num_heads: 2}",
-    "tasks.mlc.dim=32",
-    "tasks.mlc.num_heads=2",
-    "tasks.mlc.ffn_dim=64",
-    "tasks.swav.hidden_dim=64",
-    "tasks.swav.out_dim=16",
-    "tasks.swav.num_prototypes=8",
-    "tasks.swav.freeze_prototypes_iters=0",
-    "tasks.mim.mask_patch_size=16",
+    *TINY_MODEL,
     "data.batch_size=16",
     "data.train_size=64",
     "data.val_size=32",
