@@ -62,7 +62,7 @@ def source_config(source: str, overrides: list[str]):
     bad = [o for o in overrides if not o.startswith("data.")]
     if bad:
         raise ConfigError(f"{bad[0].split('=', 1)[0]}: embed reads only data.* keys")
-    run_data = (Run(source).weights("student").pretrain or {}).get("data") or {}
+    run_data = Run(source).config.get("data") or {}
     new_source = any(o.startswith("data.dataset=") for o in overrides)
     base = {} if new_source else {"data": run_source(run_data)}
     return load_config(None, overrides, base=base).data
