@@ -211,4 +211,5 @@ def explicit_keys(
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
+    """Write ``cfg`` to ``path`` as YAML, every key in order; ``load_config(path)`` reads it back."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -56,7 +56,8 @@ SOURCE_SPECIFIC_KEYS: dict[str, tuple[str, ...]] = {
     # sources where an image may have no tag (imagefolder and fmnist: every image has its class;
     # openimages: data.unannotated instead); generated sets: with tagged_fraction < 1 (or label noise)
     "untagged": ("manifest", "shards", "coco", "voc", "tencent", *_GENERATED),
-    "unannotated": ("openimages",),
+    # sources with verified negatives (manifest, shards: when they list them; hvpmtl.data.tags checks)
+    "unannotated": ("openimages", "manifest", "shards"),
     "tagged_fraction": _GENERATED,
 }
 
@@ -86,7 +87,8 @@ class DataConfig:
     on_bad_image: str = "error"  # error | skip (substitute the next sample, list the file in <run>/skipped_images.txt)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # larger images are bad images (decompression bombs); 0 = no limit
     untagged: str = "unknown"  # an image without a tag: unknown (MLC skips it; SwAV, MIM, MD train on it) | negative
-    unannotated: str = "unknown"  # openimages: a class neither verified present nor absent: unknown | negative
+    # a class neither verified present nor absent (openimages; a manifest or shards with negatives): unknown | negative
+    unannotated: str = "unknown"
 
     # users' formats (dataset coco | voc | openimages | tencent; layouts in hvpmtl.data.formats)
     annotations: str = ""  # train split: instances_<split>.json | ImageSets/Main/<split>.txt | Open Images

@@ -7,9 +7,18 @@ Manifest formats (paths relative to ``root``; an absolute path is used as is):
   field is an image with no tag. Quote a path that contains a comma.
 * JSONL, one object per line: ``{"path": "img/001.jpg", "labels": ["dog", "grass"]}``.
 
+Verified-absent tags (optional): a CSV column ``negatives`` (``|``-separated like ``labels``) or a
+JSONL key ``negatives`` (a list of names; a line without it has none) lists the tags checked and
+found absent in the image, as Open Images' human verification does (``hvpmtl data convert`` writes
+them). A manifest with the column (CSV) or the key on some line (JSONL) has negatives: its items
+carry ``negatives`` (float ``C`` multi-hot), and pre-training's ``data.unannotated=unknown`` makes
+every tag that is neither listed nor a negative of an image unknown to MLC for that image
+(:mod:`hvpmtl.data.tags`). A tag in both lists of one image is an error.
+
 Manifests are UTF-8 text; a byte-order mark (as Excel writes) is accepted. Tags are names; blank
-ones are dropped. The vocabulary is the sorted set of names in the file, or a given list (then
-an unknown name is an error). Problems are reported early, naming the file and line: bytes
+ones are dropped. The vocabulary is the sorted set of names in the file (those of ``labels`` and of
+``negatives``: a tag verified absent everywhere is still a class), or a given list (then an unknown
+name, in either list, is an error). Problems are reported early, naming the file and line: bytes
 that are not UTF-8, a malformed line, an unknown tag, a missing image (checked at construction
 unless ``check_files=False``).
 
@@ -78,7 +87,20 @@ def read_class_names(path: str | Path) -> list[str]:
     return list(names)
 
 
-def _parse_csv(path: Path) -> list[tuple[int, str, list[str]]]:
+Row = tuple[int, str, list[str], list[str]]  # line, path, tags, verified-absent tags
+
+
+def _stripped(tags: Sequence[str]) -> list[str]:
+    """Tag names without edge spaces; blank ones dropped."""
+    return [t.strip() for t in tags if t.strip()]
+
+
+def _tag_list(text: str) -> list[str]:
+    return _stripped(text.split(LABEL_SEP))
+
+
+def _parse_csv(path: Path) -> tuple[list[Row], bool]:
+    """The rows and whether the header names a ``negatives`` column."""
     rows = []
     with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f)
@@ -87,6 +109,7 @@ def _parse_csv(path: Path) -> list[tuple[int, str, list[str]]]:
         if "path" not in cols or "labels" not in cols:
             raise ValueError(f"{path}:1: the header must name the columns 'path' and 'labels', got {header}")
         ip, il = cols.index("path"), cols.index("labels")
+        ineg = cols.index("negatives") if "negatives" in cols else None
         for row in reader:
             lineno = reader.line_num
             if not row or all(not c.strip() for c in row):
@@ -98,13 +121,14 @@ def _parse_csv(path: Path) -> list[tuple[int, str, list[str]]]:
                 )
             if not row[ip].strip():
                 raise ValueError(f"{path}:{lineno}: malformed line: empty path")
-            tags = [t.strip() for t in row[il].split(LABEL_SEP) if t.strip()]
-            rows.append((lineno, row[ip].strip(), tags))
-    return rows
+            negatives = _tag_list(row[ineg]) if ineg is not None else []
+            rows.append((lineno, row[ip].strip(), _tag_list(row[il]), negatives))
+    return rows, ineg is not None
 
 
-def _parse_jsonl(path: Path) -> list[tuple[int, str, list[str]]]:
-    rows = []
+def _parse_jsonl(path: Path) -> tuple[list[Row], bool]:
+    """The rows and whether some line has the ``negatives`` key."""
+    rows, has_negatives = [], False
     with io.StringIO(read_text(path), newline=None) as f:  # universal newlines, as open() reads
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -122,13 +146,16 @@ def _parse_jsonl(path: Path) -> list[tuple[int, str, list[str]]]:
                 and isinstance(obj.get("labels"), list)
                 and all(isinstance(t, str) for t in obj["labels"])
             )
-            if not ok:
+            negatives = obj.get("negatives", []) if ok else None
+            if not ok or not (isinstance(negatives, list) and all(isinstance(t, str) for t in negatives)):
                 raise ValueError(
                     f"{path}:{lineno}: malformed line: expected "
-                    '{"path": "<file>", "labels": ["<name>", ...]}, got ' + line.strip()[:200]
+                    '{"path": "<file>", "labels": ["<name>", ...]} (and optionally "negatives": ["<name>", ...]), '
+                    "got " + line.strip()[:200]
                 )
-            rows.append((lineno, obj["path"].strip(), [t.strip() for t in obj["labels"] if t.strip()]))  # as CSV
-    return rows
+            has_negatives = has_negatives or "negatives" in obj
+            rows.append((lineno, obj["path"].strip(), _stripped(obj["labels"]), _stripped(negatives)))
+    return rows, has_negatives
 
 
 class ImageFiles(LoadingSettings, Dataset):
@@ -136,8 +163,9 @@ class ImageFiles(LoadingSettings, Dataset):
     ``on_bad_image`` policy, the pixel limit, reduced decoding, reading threads, the skip list).
 
     Items are dicts: ``image`` uint8 ``3 x H x W``, ``labels`` float ``C`` multi-hot, ``index``
-    (the index actually read, which differs from the asked one after a skip). ``origin`` names
-    the listing (manifest or folder) in errors.
+    (the index actually read, which differs from the asked one after a skip); with ``negatives``
+    (verified-absent tag indices per image) also ``negatives``, float ``C`` multi-hot. ``origin``
+    names the listing (manifest or folder) in errors.
     """
 
     def __init__(
@@ -149,6 +177,7 @@ class ImageFiles(LoadingSettings, Dataset):
         sources: Sequence[str] | None = None,
         origin: str = "",
         max_bad_in_a_row: int = MAX_BAD_IN_A_ROW,
+        negatives: Sequence[Sequence[int]] | None = None,
     ):
         if not isinstance(loading, ImageLoading):
             raise TypeError(f"loading={loading!r}: expected an ImageLoading (e.g. ImageLoading(on_bad_image='skip'))")
@@ -156,6 +185,7 @@ class ImageFiles(LoadingSettings, Dataset):
             raise ValueError("no images")
         self.paths, self.targets, self.classes = list(paths), list(targets), list(classes)
         self.sources = list(sources) if sources is not None else None  # "file:line" per image
+        self.negatives = [list(n) for n in negatives] if negatives is not None else None
         self.loading, self.bad_images = loading, BadImages(loading)
         self.max_bad_in_a_row = max(1, max_bad_in_a_row)
         self.origin = origin or "the image list"
@@ -227,7 +257,11 @@ class ImageFiles(LoadingSettings, Dataset):
         )  # fmt: skip
         labels = torch.zeros(self.num_classes)
         labels[list(self.targets[i])] = 1
-        return {"image": image, "labels": labels, "index": i}
+        if self.negatives is None:
+            return {"image": image, "labels": labels, "index": i}
+        negatives = torch.zeros(self.num_classes)
+        negatives[self.negatives[i]] = 1
+        return {"image": image, "labels": labels, "index": i, "negatives": negatives}
 
 
 class ManifestImages(ImageFiles):
@@ -240,7 +274,8 @@ class ManifestImages(ImageFiles):
         check_files: check at construction that every image file exists.
         loading: how images load (:class:`ImageLoading`: ``on_bad_image``, the pixel limit, ...).
 
-    ``num_tagged`` is the number of images with at least one tag.
+    ``num_tagged`` is the number of images with at least one tag; ``negatives`` the verified-absent
+    tag indices per image, or None when the manifest has no ``negatives`` column (key).
     """
 
     def __init__(
@@ -256,9 +291,9 @@ class ManifestImages(ImageFiles):
             raise FileNotFoundError(f"manifest not found: {manifest}")
         suffix = manifest.suffix.lower()
         if suffix == ".csv":
-            rows = _parse_csv(manifest)
+            rows, has_negatives = _parse_csv(manifest)
         elif suffix in (".jsonl", ".json", ".ndjson"):
-            rows = _parse_jsonl(manifest)
+            rows, has_negatives = _parse_jsonl(manifest)
         else:
             raise ValueError(f"{manifest}: unknown manifest format '{suffix}' (use .csv or .jsonl)")
         if not rows:
@@ -266,12 +301,16 @@ class ManifestImages(ImageFiles):
         if isinstance(classes, (str, Path)):
             classes = read_class_names(classes)
         given = classes is not None and len(classes) > 0
-        names = list(classes) if given else sorted({t for _, _, tags in rows for t in tags})
+        names = list(classes) if given else sorted({t for _, _, tags, neg in rows for t in (*tags, *neg)})
         index = {name: k for k, name in enumerate(names)}
         base = Path(root) if str(root) else manifest.parent
-        paths, targets, sources, missing = [], [], [], []
-        for lineno, rel, tags in rows:
-            unknown = [t for t in tags if t not in index]
+        paths, targets, negatives, sources, missing = [], [], [], [], []
+        for lineno, rel, tags, absent in rows:
+            both = [t for t in absent if t in tags]
+            if both:
+                raise ValueError(f"{manifest}:{lineno}: tag '{both[0]}' is in both labels and negatives "
+                                 "(a tag is present or verified absent, not both)")  # fmt: skip
+            unknown = [t for t in (*tags, *absent) if t not in index]
             if unknown:
                 raise ValueError(
                     f"{manifest}:{lineno}: unknown label '{unknown[0]}' "
@@ -282,12 +321,14 @@ class ManifestImages(ImageFiles):
                 missing.append((lineno, p))
             paths.append(str(p))
             targets.append(sorted({index[t] for t in tags}))
+            negatives.append(sorted({index[t] for t in absent}))
             sources.append(f"{manifest}:{lineno}")
         if missing:
             lineno, p = missing[0]
             more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
             raise FileNotFoundError(f"{manifest}:{lineno}: image not found: {p}{more}")
-        super().__init__(paths, targets, names, loading, sources, f"manifest {manifest}")
+        super().__init__(paths, targets, names, loading, sources, f"manifest {manifest}",
+                         negatives=negatives if has_negatives else None)  # fmt: skip
         self.manifest = manifest
         self.num_tagged = sum(1 for t in targets if t)
 

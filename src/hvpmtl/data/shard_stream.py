@@ -50,7 +50,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from hvpmtl.data.decode import BadImageError, read_image
 from hvpmtl.data.loading import DEFAULT_LOADING, BadImages, ImageLoading, LoadingSettings
 from hvpmtl.data.shards import ShardError, ShardIndex, image_member, load_shard_index, parse_labels
-from hvpmtl.data.tags import TagPolicy
+from hvpmtl.data.tags import TagPolicy, check_unannotated
 from hvpmtl.data.views import TwoViewTransform, collate_pretrain, pretrain_loading, seeded_cpu_rng, view_seed
 
 __all__ = ["ShardStream", "pretrain_stream"]
@@ -79,8 +79,9 @@ class ShardStream(LoadingSettings, IterableDataset):
     """This process's pre-training micro-batches from shards (plan in the module docstring).
 
     Yields :func:`collate_pretrain` batches (``transform=None``: lists of ``{"image", "labels",
-    "index"}`` samples, for reading benchmarks). Like a batch sampler it has ``steps_per_epoch``
-    and ``set_epoch(epoch, start_step)``; :meth:`distribute` places it in a process group.
+    "index"}`` samples, plus ``negatives`` where the shards list them, for reading benchmarks).
+    Like a batch sampler it has ``steps_per_epoch`` and ``set_epoch(epoch, start_step)``;
+    :meth:`distribute` places it in a process group.
     Images load as ``loading`` says, with the ``on_bad_image`` policy of the map-style readers
     (:class:`~hvpmtl.data.loading.BadImages`).
     """
@@ -215,19 +216,26 @@ class ShardStream(LoadingSettings, IterableDataset):
             for t in range(max(first_output, w * W), min((w + 1) * W, n)):
                 yield self._sample(window, int(order[t]) - lo, epoch)
 
-    def _decode(self, raw: dict) -> tuple[torch.Tensor, torch.Tensor, int, str]:
+    def _multi_hot(self, tags: list[str], where: str) -> torch.Tensor:
+        out = torch.zeros(len(self.classes))
+        for t in tags:
+            if t not in self.vocab:
+                raise ShardError(f"{where}: unknown label '{t}' (not in the {len(self.vocab)} classes)")
+            out[self.vocab[t]] = 1.0
+        return out
+
+    def _decode(self, raw: dict) -> tuple[bytes, dict, int, str]:
+        """``(image bytes, {"labels"[, "negatives"]}, source index, where)`` of a raw sample."""
         url, key = raw["__url__"], raw["__key__"]
         ext = image_member(url, key, raw)
         if "json" not in raw:  # this and every error below: one line, even from a loader worker (ShardError)
             raise ShardError(f"{url}: sample '{key}' has no .json member (its labels)")
-        tags, index = parse_labels(raw["json"], f"{url}:{key}.json")
-        labels = torch.zeros(len(self.classes))
-        for t in tags:
-            if t not in self.vocab:
-                raise ShardError(f"{url}:{key}.json: unknown label '{t}' (not in the {len(self.vocab)} classes)")
-            labels[self.vocab[t]] = 1.0
+        tags, absent, index = parse_labels(raw["json"], f"{url}:{key}.json")
+        tagging = {"labels": self._multi_hot(tags, f"{url}:{key}.json")}
+        if self.index.has_negatives:
+            tagging["negatives"] = self._multi_hot(absent or [], f"{url}:{key}.json")
         where = f"{url}:{key}.{ext}"
-        return raw[ext], labels, raw["__position__"] if index is None else index, where
+        return raw[ext], tagging, raw["__position__"] if index is None else index, where
 
     @property
     def num_skipped(self) -> int:
@@ -238,7 +246,7 @@ class ShardStream(LoadingSettings, IterableDataset):
         """Sample ``j`` of a window; under ``on_bad_image=skip`` an unreadable image is replaced by
         the next readable one of the window, cyclically (views still drawn from the asked sample's
         index); a window of one sample (``data.shard_shuffle=1``) has no stand-in."""
-        decoded: dict[int, tuple[bytes, torch.Tensor, int, str]] = {}
+        decoded: dict[int, tuple[bytes, dict, int, str]] = {}
 
         def name(step: int) -> tuple[str, str]:  # a malformed sample (ShardError) stops under either policy
             decoded[step] = self._decode(window[(j + step) % len(window)])
@@ -253,12 +261,12 @@ class ShardStream(LoadingSettings, IterableDataset):
                                  f"e.g. {decoded[step][3]}: {err.reason}", err.reason)  # fmt: skip
 
         step, image = self.bad_images.first_readable(range(len(window)), name, load, exhausted)
-        labels, index = decoded[step][1], decoded[0][2]  # the stand-in's labels, the asked sample's index
+        tagging, index = decoded[step][1], decoded[0][2]  # the stand-in's tags, the asked sample's index
         if self.transform is None:
-            return {"image": image, "labels": labels, "index": index}
+            return {"image": image, **tagging, "index": index}
         with seeded_cpu_rng(view_seed(self.seed, epoch, index)):
             v0, v1, mask = self.transform(image)
-        labels, known = self.tags.apply({"labels": labels}, index)  # data.untagged
+        labels, known = self.tags.apply(tagging, index)  # data.untagged, data.unannotated
         out = {"views": (v0, v1), "mask": mask, "labels": labels, "index": index}
         return out if known is None else {**out, "known": known}
 
@@ -292,5 +300,8 @@ def pretrain_stream(cfg: Any, classes: list[str] | None, transform: TwoViewTrans
                          f"{' '.join(r + '.weight=0' for r in readers)})")  # fmt: skip
     stream = ShardStream(index, transform, cfg.train.seed, d.batch_size, d.shard_streams, d.shard_shuffle,
                          pretrain_loading(cfg))  # fmt: skip
-    stream.tags = TagPolicy(mark_untagged=d.untagged == "unknown" and index.num_tagged < index.total)
+    check_unannotated(d, index.has_negatives, index.origin)
+    stream.tags = TagPolicy(mark_untagged=d.untagged == "unknown" and index.may_be_untagged,
+                            per_class=d.unannotated == "unknown" and index.has_negatives,
+                            untagged_negative=d.untagged == "negative")  # fmt: skip
     return stream

@@ -67,8 +67,9 @@ def write_shards(
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ShardIndex:
-    """Write ``dataset`` (items with ``image`` uint8 ``3 x H x W`` and multi-hot ``labels``;
-    ``.classes``) as shards in ``out`` (layout in the module docstring); returns their index.
+    """Write ``dataset`` (items with ``image`` uint8 ``3 x H x W`` and multi-hot ``labels``, and
+    ``negatives`` where ``dataset.negatives`` is set; ``.classes``) as shards in ``out`` (layout in
+    :mod:`hvpmtl.data.shards`); returns their index.
 
     ``image_format``: ``auto`` (copy JPEG/PNG source files, encode the rest as PNG), ``png`` or
     ``jpg``. Images a source skips (``data.on_bad_image=skip``) are left out and counted in the
@@ -97,15 +98,16 @@ def write_shards(
         raise FileExistsError(f"{out} holds {found[0].name}{more} but no {INDEX_NAME}: files of another tool? "
                               "(pass --overwrite to replace them)")  # fmt: skip
     classes, n = list(dataset.classes), len(dataset)
+    has_negatives = getattr(dataset, "negatives", None) is not None  # then every sample lists them, maybe none
     order = np.arange(n) if shuffle_seed is None else np.random.default_rng(shuffle_seed).permutation(n)
     width = max(8, len(str(n - 1)))
-    shards, skipped, tagged = [], 0, 0
+    shards, skipped, tagged, untagged = [], 0, 0, 0
     for start in range(0, n, samples_per_shard):
         name = f"{prefix}-{len(shards):06d}.tar"
         written = 0
 
         def write(f, chunk=order[start : start + samples_per_shard]) -> None:
-            nonlocal written, skipped, tagged
+            nonlocal written, skipped, tagged, untagged
             with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
                 for i in map(int, chunk):
                     sample = dataset[i]
@@ -116,11 +118,16 @@ def write_shards(
                     fmt = "png" if image_format == "auto" else image_format
                     data, ext = raw or (_encode(sample["image"], fmt, jpeg_quality), fmt)
                     names = [classes[k] for k in torch.nonzero(sample["labels"] > 0).flatten().tolist()]
+                    meta = {"labels": names, "index": i}
+                    if has_negatives:
+                        absent = torch.nonzero(sample["negatives"] > 0).flatten().tolist()
+                        meta["negatives"] = [classes[k] for k in absent]
                     key = f"{i:0{width}d}"
                     _add(tar, f"{key}.{ext}", data)
-                    _add(tar, f"{key}.json", json.dumps({"labels": names, "index": i}).encode())
+                    _add(tar, f"{key}.json", json.dumps(meta).encode())
                     written += 1
                     tagged += bool(names)
+                    untagged += not names and not meta.get("negatives")
 
         atomic_write(out / name, write)
         if written:
@@ -133,11 +140,13 @@ def write_shards(
         raise ValueError(f"no sample could be written ({skipped} unreadable images skipped)")
     total = sum(s["samples"] for s in shards)
     meta = {"format": FORMAT, "version": 1, "classes": classes, "shards": shards, "samples": total,
-            "num_tagged": tagged, "shuffle_seed": shuffle_seed}  # fmt: skip
+            "num_tagged": tagged, "num_untagged": untagged, "negatives": has_negatives,
+            "shuffle_seed": shuffle_seed}  # fmt: skip
     listing = ",\n".join("  " + json.dumps(s) for s in shards)  # one line per shard
     text = json.dumps(meta | {"shards": 0}).replace('"shards": 0', f'"shards": [\n{listing}\n ]') + "\n"
     atomic_write(index_file, lambda f: f.write(text.encode()))
     for path in set(old) - {out / s["name"] for s in shards}:
         path.unlink(missing_ok=True)
     return ShardIndex([out / s["name"] for s in shards], [s["samples"] for s in shards], classes,
-                      str(index_file), tagged, skipped=skipped)  # fmt: skip
+                      str(index_file), tagged, skipped=skipped, has_negatives=has_negatives,
+                      num_untagged=untagged)  # fmt: skip

@@ -5,12 +5,16 @@ A shard folder (what :func:`hvpmtl.data.shard_writer.write_shards` and ``hvpmtl 
 * ``<prefix>-000000.tar``, ``<prefix>-000001.tar``, ...: ``samples_per_shard`` samples each
   (the last one may hold fewer). A sample is two tar members sharing a key, the source index
   zero-padded: ``00000042.jpg`` (or ``.png``), the image file, and ``00000042.json``,
-  ``{"labels": ["dog", "grass"], "index": 42}``. The WebDataset library and any tar tool read them.
+  ``{"labels": ["dog", "grass"], "index": 42}``, with ``"negatives": ["cat"]`` (tags verified
+  absent; on every sample) when the source lists them (a manifest's ``negatives``, Open Images).
+  The WebDataset library and any tar tool read them.
 * ``shards.json``: ``{"format": "hvpmtl-shards", "version": 1, "classes": [...], "shards":
   [{"name": "train-000000.tar", "samples": 1000}, ...], "samples": N, "num_tagged": T,
-  "shuffle_seed": 0}``: the vocabulary and the sample count of every shard, so that a reader
-  can plan an epoch without opening a tar. A name is a plain file name in the index's folder
-  (no ``/``, no ``..``); an index naming other files is refused.
+  "num_untagged": U, "negatives": false, "shuffle_seed": 0}``: the vocabulary and the sample count
+  of every shard, so that a reader can plan an epoch without opening a tar (``num_untagged``:
+  samples with neither a label nor a negative; ``negatives``: whether the samples list them). A
+  name is a plain file name in the index's folder (no ``/``, no ``..``); an index naming other
+  files is refused.
 
 Samples are written in a seeded random order (``shuffle_seed``; ``None`` keeps the source
 order), as WebDataset's authors advise: a streaming reader then mixes classes even when the
@@ -72,6 +76,18 @@ class ShardIndex:
     num_tagged: int | None = None  # samples with at least one label, when the index says
     labels: dict[int, list[list[str]]] = field(default_factory=dict, repr=False)  # shard -> labels, when scanned
     skipped: int = 0  # write_shards: unreadable source images left out
+    has_negatives: bool = False  # the samples list verified-absent tags ("negatives")
+    num_untagged: int | None = None  # samples with neither a label nor a negative, when known
+    negatives: dict[int, list[list[str]]] = field(default_factory=dict, repr=False)  # as labels
+
+    @property
+    def may_be_untagged(self) -> bool:
+        """Whether some sample may have neither a label nor a negative (True when the index does not say)."""
+        if self.num_untagged is not None:
+            return self.num_untagged > 0
+        if self.num_tagged is not None and not self.has_negatives:
+            return self.num_tagged < self.total
+        return True
 
     @property
     def total(self) -> int:
@@ -121,8 +137,9 @@ def image_member(path: Path | str, key: str, members: Sequence[str]) -> str:
                      f"expected one of {', '.join(IMAGE_EXTENSIONS)})")  # fmt: skip
 
 
-def parse_labels(data: bytes, where: str) -> tuple[list[str], int | None]:
-    """``(label names, source index or None)`` from a sample's JSON; :class:`ShardError` naming ``where``."""
+def parse_labels(data: bytes, where: str) -> tuple[list[str], list[str] | None, int | None]:
+    """``(label names, negative names or None, source index or None)`` from a sample's JSON;
+    :class:`ShardError` naming ``where``."""
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -130,10 +147,17 @@ def parse_labels(data: bytes, where: str) -> tuple[list[str], int | None]:
     except RecursionError:
         raise ShardError(f"{where}: not valid JSON (nested too deeply)") from None
     labels = obj.get("labels") if isinstance(obj, dict) else None
-    if not isinstance(labels, list) or not all(isinstance(t, str) for t in labels):
-        raise ShardError(f'{where}: expected {{"labels": ["<name>", ...], "index": <int>}}, got {str(obj)[:200]}')
+    negatives = obj.get("negatives", []) if isinstance(obj, dict) else None
+    ok = isinstance(labels, list) and all(isinstance(t, str) for t in labels)
+    if not ok or not (isinstance(negatives, list) and all(isinstance(t, str) for t in negatives)):
+        raise ShardError(f'{where}: expected {{"labels": ["<name>", ...], "index": <int>}} (and optionally '
+                         f'"negatives": ["<name>", ...]), got {str(obj)[:200]}')  # fmt: skip
+    both = [t for t in negatives if t in labels]
+    if both:
+        raise ShardError(f"{where}: tag '{both[0]}' is in both labels and negatives")
     index = obj.get("index")
-    return labels, index if isinstance(index, int) and not isinstance(index, bool) else None
+    index = index if isinstance(index, int) and not isinstance(index, bool) else None
+    return labels, negatives if "negatives" in obj else None, index
 
 
 def plain_name_error(obj: dict) -> str | None:
@@ -195,9 +219,11 @@ def load_shard_index(spec: str, key: str = "data.shards", classes: Sequence[str]
         if missing:
             more = f" ({len(missing) - 1} more missing)" if len(missing) > 1 else ""
             raise FileNotFoundError(f"{key}: {file} lists {missing[0].name}, which is not in {file.parent}{more}")
-        tagged = obj.get("num_tagged")
+        tagged, untagged = obj.get("num_tagged"), obj.get("num_untagged")
         return ShardIndex(paths, [s["samples"] for s in obj["shards"]], list(classes or obj["classes"]), str(file),
-                          tagged if isinstance(tagged, int) and not classes else None)  # fmt: skip
+                          tagged if isinstance(tagged, int) and not classes else None,
+                          has_negatives=obj.get("negatives") is True,
+                          num_untagged=untagged if isinstance(untagged, int) and not classes else None)  # fmt: skip
     paths = [Path(p) for p in _expand(spec, key)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -212,36 +238,44 @@ def _scan_pattern(paths: list[Path], spec: str, key: str, classes: Sequence[str]
         obj = read_index_json(beside)
         listed = {(beside.parent / s["name"]).resolve(): s["samples"] for s in obj["shards"]}
         if all(p.resolve() in listed for p in paths):
-            return ShardIndex(paths, [listed[p.resolve()] for p in paths], list(classes or obj["classes"]), spec)
-    counts, labels, names = [], {}, set()
+            return ShardIndex(paths, [listed[p.resolve()] for p in paths], list(classes or obj["classes"]), spec,
+                              has_negatives=obj.get("negatives") is True)  # fmt: skip
+    counts, labels, negatives, names = [], {}, {}, set()
     for s, path in enumerate(paths):
         members = scan_shard(path)
         if not members:
             raise ValueError(f"{key}: {path} holds no samples")
         counts.append(len(members))
-        labels[s] = []
+        labels[s], negatives[s] = [], []
         with open(path, "rb") as f:
             for k, exts in members:
                 image_member(path, k, exts)  # here, before a run starts, rather than when the stream reaches it
                 if "json" not in exts:
                     raise ValueError(f"{key}: {path}: sample '{k}' has no .json member (its labels)")
                 f.seek(exts["json"][0])
-                tags, _ = parse_labels(f.read(exts["json"][1]), f"{path}: {k}.json")
+                tags, absent, _ = parse_labels(f.read(exts["json"][1]), f"{path}: {k}.json")
                 labels[s].append(tags)
-                names.update(tags)
+                negatives[s].append(absent)
+                names.update(tags, absent or ())
     tagged = sum(1 for per in labels.values() for t in per if t)
-    return ShardIndex(paths, counts, list(classes or sorted(names)), spec, tagged, labels)
+    pairs = [(t, n) for s in labels for t, n in zip(labels[s], negatives[s], strict=True)]
+    has_negatives = any(n is not None for _, n in pairs)
+    untagged = sum(1 for t, n in pairs if not t and not n)
+    negatives = {s: [n or [] for n in per] for s, per in negatives.items()} if has_negatives else {}
+    return ShardIndex(paths, counts, list(classes or sorted(names)), spec, tagged, labels,
+                      has_negatives=has_negatives, num_untagged=untagged, negatives=negatives)  # fmt: skip
 
 
 class ShardImages(ImageFiles):
     """The samples of a :class:`ShardIndex` by random access (seek to the member): items as
     :class:`~hvpmtl.data.manifest.ImageFiles` (``image``, ``labels``, ``index``: the position in
-    the index order) loaded as ``loading`` says; errors name ``shard.tar:key.ext``.
+    the index order; ``negatives`` where the index has them) loaded as ``loading`` says; errors
+    name ``shard.tar:key.ext``.
     Construction reads every tar header and label (seconds for ~10^5 samples)."""
 
     def __init__(self, index: ShardIndex, loading: ImageLoading = DEFAULT_LOADING):
         vocab = {name: k for k, name in enumerate(index.classes)}
-        paths, targets, self.locations = [], [], []
+        paths, targets, negatives, self.locations = [], [], [], []
         for s, path in enumerate(index.paths):
             members = scan_shard(path)
             if len(members) != index.counts[s]:
@@ -251,19 +285,22 @@ class ShardImages(ImageFiles):
                     ext = image_member(path, key, exts)
                     where = f"{path}:{key}.{ext}"
                     if s in index.labels:
-                        tags = index.labels[s][j]
+                        tags, absent = index.labels[s][j], index.negatives[s][j] if index.negatives else None
                     elif "json" not in exts:
                         raise ValueError(f"{path}: sample '{key}' has no .json member (its labels)")
                     else:
                         f.seek(exts["json"][0])
-                        tags, _ = parse_labels(f.read(exts["json"][1]), f"{path}:{key}.json")
-                    unknown = [t for t in tags if t not in vocab]
+                        tags, absent, _ = parse_labels(f.read(exts["json"][1]), f"{path}:{key}.json")
+                    absent = absent or []
+                    unknown = [t for t in (*tags, *absent) if t not in vocab]
                     if unknown:
                         raise ValueError(f"{where}: unknown label '{unknown[0]}' (not in the {len(vocab)} classes)")
                     paths.append(where)
                     targets.append(sorted({vocab[t] for t in tags}))
+                    negatives.append(sorted({vocab[t] for t in absent}))
                     self.locations.append((s, *exts[ext]))
-        super().__init__(paths, targets, index.classes, loading, None, f"shards {index.origin}")
+        super().__init__(paths, targets, index.classes, loading, None, f"shards {index.origin}",
+                         negatives=negatives if index.has_negatives else None)  # fmt: skip
         self.shard_paths = list(index.paths)
         self.num_tagged = sum(1 for t in targets if t)
 

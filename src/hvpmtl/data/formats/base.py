@@ -175,11 +175,11 @@ class FormatImages(ImageFiles):
         super().__init__(
             [str(r.path) for r in records], [sorted(r.positives) for r in records], vocabulary.names, loading,
             [r.source for r in records], f"{origin}",
+            negatives=[sorted(r.negatives) for r in records] if has_negatives else None,
         )  # fmt: skip
         self.label_ids = vocabulary.label_ids
         self.annotations = Path(origin)
         self.num_tagged = sum(1 for r in records if r.positives)
-        self.negatives = [sorted(r.negatives) for r in records] if has_negatives else None
         self.boxes = [(r.boxes, r.box_labels) for r in records] if has_boxes else None
         self.boxes_normalized = boxes_normalized
         self.refs = [r.ref for r in records] if any(r.ref is not None for r in records) else None
@@ -208,10 +208,6 @@ class FormatImages(ImageFiles):
     def __getitem__(self, index: int) -> dict:
         sample = super().__getitem__(index)
         i = sample["index"]
-        if self.negatives is not None:
-            negatives = torch.zeros(self.num_classes)
-            negatives[self.negatives[i]] = 1
-            sample["negatives"] = negatives
         if self.boxes is not None:
             boxes, labels = self.boxes[i]
             sample["boxes"] = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)

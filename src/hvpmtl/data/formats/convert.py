@@ -1,10 +1,11 @@
 """Any format reader's images and tags written as the project's JSONL manifest plus a classes file.
 
-One line per image, ``{"path": ..., "labels": [tag names]}`` (plus ``"negatives"`` where the
-format has verified negatives; the manifest reader ignores that key), paths relative to the
-manifest's folder. The classes file lists the vocabulary, one name a line, in the reader's
-order, so ``ManifestImages(manifest, classes=classes_file)`` gives the very labels the format
-reader gives. Both files are written atomically.
+One line per image, ``{"path": ..., "labels": [tag names]}`` (plus ``"negatives"``, the tags
+verified absent, on every line where the format has verified negatives: Open Images; the manifest
+reader reads them, see :mod:`hvpmtl.data.manifest`), paths relative to the manifest's folder.
+The classes file lists the vocabulary, one name a line, in the reader's order, so
+``ManifestImages(manifest, classes=classes_file)`` gives the very labels the format reader gives.
+Both files are written atomically.
 
 >>> write_manifest(CocoImages("coco/annotations/instances_val2017.json"), "coco-val.jsonl")
 (PosixPath('coco-val.jsonl'), PosixPath('coco-val.classes.txt'))
@@ -56,7 +57,7 @@ def write_manifest(dataset: FormatImages, out: str | Path, classes_out: str | Pa
         except ValueError:  # another drive (Windows)
             rel = str(absolute)
         item = {"path": rel, "labels": [names[k] for k in dataset.targets[i]]}
-        if dataset.negatives is not None and dataset.negatives[i]:
+        if dataset.negatives is not None:  # on every line: an empty list says "none verified absent"
             item["negatives"] = [names[k] for k in dataset.negatives[i]]
         return json.dumps(item, ensure_ascii=False) + "\n"
 

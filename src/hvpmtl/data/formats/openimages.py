@@ -16,8 +16,9 @@ Files (as Open Images V4-V7 ship them):
 Confidence: a label is a positive tag when its confidence is at least ``min_confidence`` (and
 above 0). A label with confidence 0 is a verified negative (humans checked the class is absent):
 it is never a positive; it is listed in the item's ``negatives`` multi-hot (and in the manifest
-that ``hvpmtl data convert`` writes), which the pre-training losses do not read. Labels between
-0 and ``min_confidence`` are neither. An image listed with only negatives is an untagged image.
+that ``hvpmtl data convert`` writes, and the shards ``hvpmtl data shard`` writes, which keep it
+for ``data.unannotated``). Labels between 0 and ``min_confidence`` are neither. An image listed
+with only negatives is an untagged image.
 
 Unannotated classes (neither a positive nor a verified negative of an image, confidences between 0
 and ``min_confidence`` included): with ``unannotated="unknown"`` (``data.unannotated``, the default)
