@@ -81,7 +81,7 @@ def test_cli_explain_one_key(capsys):
 
 def test_cli_explain_shows_the_preset_value_where_it_differs(capsys):
     assert main(["config", "-c", "cpu-micro", "--explain", "tasks.mlc.weight"]) == 0
-    assert "(here: 0.01)" in capsys.readouterr().out
+    assert "(here: 0.0016)" in capsys.readouterr().out
 
 
 def test_cli_explain_all(capsys):
