@@ -27,7 +27,10 @@ def test_mlc_reduction_of_each_preset(name):
 
 # the CPU presets' alpha_1 under Query2Label's reduction gives the very loss their results were
 # measured with: ASL's per_image sum (x16) at alpha_1 0.01, over the preset's tags
-@pytest.mark.parametrize("name,num_tags", [("cpu-tiny", 10), ("cpu-micro", 10), ("cpu-swin-tiny", 10), ("cpu-emoji", 130)])
+CPU_PRESET_TAGS = [("cpu-tiny", 10), ("cpu-micro", 10), ("cpu-swin-tiny", 10), ("cpu-emoji", 130)]
+
+
+@pytest.mark.parametrize("name,num_tags", CPU_PRESET_TAGS)
 def test_cpu_presets_keep_the_measured_mlc_weight(name, num_tags):
     import torch
 

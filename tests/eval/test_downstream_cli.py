@@ -91,8 +91,30 @@ def test_knn_and_linprobe_beat_chance_on_fashion_mnist(tiny_run, capsys):
 def test_mlc_head_scores_the_pretrained_tagger(tiny_run, capsys):
     rc, out, err = run(capsys, "mlc-head", str(tiny_run), "eval_images=24")
     assert rc == 0, err
-    record = result(tiny_run / "eval", "mlc-head", "synthetic", "student")
+    record = result(tiny_run / "eval", "mlc-head", "synthetic", "val24-student")
     assert {"mAP", "CF1", "OF1", "CF1_top3", "positives"} <= set(record["metrics"])
+
+
+def test_mlc_head_on_its_training_images_is_another_result(tiny_run, tmp_path, capsys):
+    # eval_split=train scores the head on the images it trained on; each split and size is its own
+    # file (the same name used to be overwritten), and run.output_dir / run.batch_size are honoured
+    out = tmp_path / "heads"
+    for args in (["eval_images=24"], ["eval_split=train", "eval_images=24", "run.batch_size=5"]):
+        rc, _, err = run(capsys, "mlc-head", str(tiny_run), *args, f"run.output_dir={out}")
+        assert rc == 0, err
+    val = result(out, "mlc-head", "synthetic", "val24-student")
+    train = result(out, "mlc-head", "synthetic", "train24-student")
+    assert val["data"].endswith("(val 24)") and train["data"].endswith("(train 24)")
+    assert val["metrics"]["positives"] != train["metrics"]["positives"]  # other images
+
+
+UNUSED_BY_MLC_HEAD = ["train_images=5", "probe.feature=mean", "knn.k=3", "run.precision=bf16", "eval_split=all"]
+
+
+@pytest.mark.parametrize("key", UNUSED_BY_MLC_HEAD)
+def test_mlc_head_refuses_keys_it_does_not_use(tiny_run, capsys, key):
+    rc, _, err = run(capsys, "mlc-head", str(tiny_run), "eval_images=24", key)
+    assert rc == 2 and key.split(".")[0].split("=")[0] in err and err.count("\n") == 1
 
 
 def test_bad_sources_and_data_fail_early_and_clearly(tiny_run, tmp_path, capsys):

@@ -140,7 +140,8 @@ def _train_command(command: str, cfg, weights, run_dir: Path, env) -> dict:
 
 def cmd_mlc_head(args: argparse.Namespace) -> int:
     from hvpmtl.config import to_dict
-    from hvpmtl.eval.config import FeatureEvalConfig
+    from hvpmtl.engine.distributed import resolve_device
+    from hvpmtl.eval.config import MLCHeadEvalConfig
     from hvpmtl.eval.heads import mlc_head_metrics
     from hvpmtl.eval.identity import data_tag
     from hvpmtl.eval.report import data_label, write_result
@@ -152,14 +153,17 @@ def cmd_mlc_head(args: argparse.Namespace) -> int:
     run = Run(args.source)
     _, run_cfg = run.model()
     base = {"data": run_source(to_dict(run_cfg.data))}
-    cfg = load_config(None, args.overrides, cls=FeatureEvalConfig, base=base)
-    metrics = mlc_head_metrics(args.source, cfg.data, cfg.eval_images, args.teacher, cfg.eval_split)
+    cfg = load_config(None, args.overrides, cls=MLCHeadEvalConfig, base=base)
+    metrics = mlc_head_metrics(args.source, cfg.data, cfg.eval_images, args.teacher, cfg.eval_split,
+                               resolve_device(cfg.run.device), cfg.run.batch_size)  # fmt: skip
     if metrics is None:
         raise ConfigError(f"{args.source}: this run trained no MLC head (tasks.mlc.weight was 0)")
     who = "teacher" if args.teacher else "student"
+    images = f"{cfg.eval_split}{cfg.eval_images or 'all'}"  # scores on other images are other files
     data = f"{data_label(cfg.data)} ({cfg.eval_split} {cfg.eval_images or 'all'})"
     label = f"{run.folder.name} {who} MLC head"
-    write_result(run.folder / "eval", f"mlc-head-{data_tag(cfg)}-{who}", "mlc-head", label, data, metrics, {})
+    out = Path(cfg.run.output_dir) if cfg.run.output_dir else run.folder / "eval"
+    write_result(out, f"mlc-head-{data_tag(cfg)}-{images}-{who}", "mlc-head", label, data, metrics, {})
     return 0
 
 
@@ -193,7 +197,7 @@ def add_parsers(sub) -> None:
         "args",
         nargs="+",
         metavar="SOURCE | key=value",
-        help="run folder, model.safetensors or checkpoint, then overrides (data.*, eval_split, eval_images)",
+        help="run folder, model.safetensors or checkpoint, then overrides (data.*, eval_split, eval_images, run.*)",
     )
     p.add_argument("--teacher", action="store_true", help="the EMA teacher's head")
     p.set_defaults(func=cmd_mlc_head)

@@ -125,7 +125,7 @@ class Ablation:
         starts from the same backbone weights); ``"pixels"``: the same evaluation on the
         normalised input pixels (logistic regression / k-NN on raw pixels, the floor a
         pre-trained backbone must clear)."""
-        if ev.command == "mlc-head":  # writes <cell>/eval/mlc-head-<data>-student.json
+        if ev.command == "mlc-head":  # writes <cell>/eval/mlc-head-<data>-<hash>-val<N>-student.json
             return [ev.command, str(self.cell(mix, seed)), *ev.args]
         source = self.cell(self.mixes[0] if mix in BASELINES else mix, seed)
         flags = ["--random-init"] if mix == "random" else []

@@ -205,6 +205,37 @@ def check_loop_keys(cfg, command: str, prefix: str = "") -> None:
                          "use train.compile=true or model")
 
 
+
+@dataclass
+class HeadRunConfig:
+    """Where ``hvpmtl mlc-head`` scores the head."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 128  # images per forward pass
+    output_dir: str = ""  # where results go; empty = <run folder>/eval
+
+    def validate(self, prefix: str = "") -> None:
+        check = _checker(self, prefix)
+        check(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
+        check(self.batch_size > 0, "batch_size", "must be positive")
+
+
+@dataclass
+class MLCHeadEvalConfig:
+    """``hvpmtl mlc-head``: the pre-trained MLC head on the first ``eval_images`` images of
+    ``eval_split``. ``train`` scores it on its own training images: a head near chance there too
+    has not fitted its data, rather than failed to carry over to new images."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_split: str = "val"  # train | val | test
+    eval_images: int = 0  # the first N images of eval_split; 0 = all
+    run: HeadRunConfig = field(default_factory=HeadRunConfig)
+
+    def validate(self, prefix: str = "") -> None:
+        check = _checker(self, prefix)
+        check(self.eval_split in ("train", "val", "test"), "eval_split", "choose train, val or test")
+        check(self.eval_images >= 0, "eval_images", "must be >= 0 (0: all)")
+
 @dataclass
 class FinetuneRunConfig:
     """``hvpmtl finetune``: the whole backbone plus a new linear head, on ``data``'s train split."""

@@ -45,11 +45,11 @@ def head_order(model, classes: list[str], source: str | Path) -> list[int] | Non
 @torch.no_grad()
 def mlc_head_metrics(
     source: str | Path, data: DataConfig | None = None, limit: int = 0, teacher: bool = False, split: str = "val",
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "cpu", batch_size: int = 128,
 ) -> dict | None:  # fmt: skip
     """Multi-label metrics (%) of the run's MLC head on the first ``limit`` images of ``split``
-    (``data`` defaults to the run's data), plus ``positives``: the share of positive labels (the
-    mAP of a random scorer). ``None`` when the run trained no MLC head."""
+    (``train``, ``val`` or ``test``; ``data`` defaults to the run's data), plus ``positives``: the
+    share of positive labels. ``None`` when the run trained no MLC head."""
     from hvpmtl.eval.frozen import eval_images
 
     model, cfg = load_pretrained_model(source, device)
@@ -60,7 +60,7 @@ def mlc_head_metrics(
     order = head_order(model, list(getattr(images, "classes", None) or []), source)
     backbone, head = model_part(model, "teacher" if teacher else "student", source)
     scores, labels = [], []
-    for x, y in DataLoader(images, batch_size=128):
+    for x, y in DataLoader(images, batch_size=batch_size):
         logits = head(backbone(x.to(device), None)[0])[0]
         scores.append((logits if order is None else logits[:, order]).float().sigmoid().cpu())
         labels.append(y)
