@@ -34,9 +34,11 @@ from hvpmtl.backbones import BackboneConfig, MaskedBackbone, build_backbone
 from hvpmtl.backbones.loading import WeightsError, check_tensors, load_into
 from hvpmtl.backbones.pretrained import PARTS, StartWeights
 from hvpmtl.config_io import from_dict
+from hvpmtl.engine.checkpoint import CKPT_DIR
+from hvpmtl.engine.vocabulary import CLASSES_FILE
 
 STUDENT, TEACHER = "backbone.model.", "teacher.backbone.model."
-MODEL_FILE, CONFIG_FILE, CLASSES_FILE, CKPT_DIR = "model.safetensors", "config.yaml", "classes.json", "checkpoints"
+MODEL_FILE, CONFIG_FILE = "model.safetensors", "config.yaml"
 BACKBONE_FILES = {"student": "backbone.safetensors", "teacher": "teacher_backbone.safetensors"}
 
 

@@ -31,6 +31,7 @@ import torch
 from hvpmtl.data.skipped import SKIPPED_LIST, SKIPPED_PARTS
 from hvpmtl.engine import checkpoint as ckpt_io
 from hvpmtl.engine.distributed import DistEnv, broadcast_object
+from hvpmtl.engine.vocabulary import CLASSES_FILE
 
 LOCK_NAME = ".lock"
 IDENTITY_FILE = "identity.json"  # a downstream run folder's source weights and data (eval/identity.py)
@@ -39,7 +40,7 @@ ENVIRONMENT = "environment.jsonl"  # one line per start of the run: versions, de
 OUTPUTS = ("config.yaml", "metrics.csv", "model.safetensors", "backbone.safetensors", "teacher_backbone.safetensors",
            "timm", "timm_teacher",  # backbones/timm_config.py
            ckpt_io.CKPT_DIR, "tb", "trackers.json", "wandb", "pictures", SKIPPED_LIST, SKIPPED_PARTS, "eval.csv",
-           ENVIRONMENT, "classes.json", IDENTITY_FILE)  # fmt: skip  (vocabulary.py, eval/identity.py)
+           ENVIRONMENT, CLASSES_FILE, IDENTITY_FILE)  # fmt: skip  (IDENTITY_FILE: eval/identity.py)
 FINISHED = ("model.safetensors", "backbone.safetensors")  # written only by a run that ended well
 BAD_SUFFIX = ".bad"
 _TMP_RE = re.compile(r"^\..+\.tmp\d+$")  # atomic_write's temporary files
