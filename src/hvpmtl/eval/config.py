@@ -1,8 +1,9 @@
 """Configs of the downstream commands: typed dataclasses, presets in ``configs/<command>/``.
 
 Each command has one root config (``FeatureEvalConfig`` for ``knn`` and ``linprobe``,
-``FinetuneRunConfig``, ``DetectRunConfig``, ``SegmentRunConfig``) read like the pre-training
-config: defaults <- the evaluated run's data block <- preset <- ``key=value`` overrides.
+``FinetuneRunConfig``, ``DetectRunConfig``, ``SegmentRunConfig``, ``MLCHeadEvalConfig`` for
+``mlc-head``) read like the pre-training config: defaults <- the evaluated run's data block <-
+preset <- ``key=value`` overrides.
 Defaults are the values of the protocol each command follows (DINO's k-NN, SimMIM's
 fine-tuning, Mask R-CNN 1x, UperNet 160k); the CPU presets shrink them to minutes.
 """
@@ -205,7 +206,6 @@ def check_loop_keys(cfg, command: str, prefix: str = "") -> None:
                          "use train.compile=true or model")
 
 
-
 @dataclass
 class HeadRunConfig:
     """Where ``hvpmtl mlc-head`` scores the head."""
@@ -235,6 +235,7 @@ class MLCHeadEvalConfig:
         check = _checker(self, prefix)
         check(self.eval_split in ("train", "val", "test"), "eval_split", "choose train, val or test")
         check(self.eval_images >= 0, "eval_images", "must be >= 0 (0: all)")
+
 
 @dataclass
 class FinetuneRunConfig:
