@@ -108,7 +108,8 @@ def test_rand_augment_op_matches_torchvision(images, name):
 # ------------------------------------------------------------------------------------------------
 # SimMIM's m9 +- 0.5 (cpu-tiny's own m3 has no noise): the per-view magnitude draw is compared too
 TINY_DATA = ["data.train_size=24", "data.val_size=8", "backbone.img_size=32", "backbone.patch_size=8",
-             "tasks.mim.mask_patch_size=16", "data.rand_augment_magnitude=9", "data.rand_augment_magnitude_std=0.5"]  # fmt: skip
+             "tasks.mim.mask_patch_size=16", "data.rand_augment_magnitude=9",
+             "data.rand_augment_magnitude_std=0.5"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
